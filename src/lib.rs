@@ -1,0 +1,2 @@
+//! csgd library.
+pub mod detect;

@@ -1,0 +1,135 @@
+//! Trains briefly on real Fashion-MNIST and checks what training must guarantee: the loss
+//! falls, the gate keeps its constraints, and a checkpoint reloads to the same network.
+
+use burn::module::Module;
+use csg_bundle::{Architecture, Backbone, CnnStage};
+use csg_train::csg::{GateConfig, Schedule};
+use csg_train::data::{self, Augment, Dataset};
+use csg_train::trainer::{self, TrainConfig};
+use csg_train::{checkpoint, device, fashion_input};
+
+fn subset(n: usize) -> Dataset {
+    let dir = data::default_data_dir();
+    let full = Dataset::load(&dir, "train").unwrap_or_else(|e| {
+        panic!("{e}\n(.ci/setup installs the dataset; CSGD_DATA_DIR overrides its path)")
+    });
+    full.select(&(0..n).collect::<Vec<_>>())
+}
+
+fn config(gated: bool) -> TrainConfig {
+    TrainConfig {
+        architecture: Architecture {
+            in_channels: 1,
+            classes: 10,
+            bn_eps: 1e-5,
+            backbone: Backbone::Cnn {
+                stages: vec![
+                    CnnStage {
+                        channels: 8,
+                        pool: true,
+                    },
+                    CnnStage {
+                        channels: 16,
+                        pool: true,
+                    },
+                    CnnStage {
+                        channels: 32,
+                        pool: false,
+                    },
+                ],
+            },
+        },
+        gated,
+        epochs: 8,
+        batch_size: 50,
+        lr: 3e-3,
+        gate_lr: 3e-3,
+        mask_lr: 1e-2,
+        cosine: true,
+        gate: GateConfig::default(),
+        schedule: Schedule::Interleave { every: 2 },
+        augment: Augment {
+            crop_padding: 1,
+            flip: true,
+        },
+        mean: 0.286,
+        std: 0.353,
+        seed: 3,
+        max_steps: None,
+    }
+}
+
+#[test]
+fn csg_training_lowers_the_loss_and_keeps_the_gate_projected() {
+    let train = subset(1500);
+    let config = config(true);
+    let trained = trainer::train(&config, &train, &device(), false).unwrap();
+    assert_eq!(trained.steps, 8 * 30);
+    let first = &trained.history[0];
+    let last = trained.history.last().unwrap();
+    assert!(
+        last.standard_loss < 0.7 * first.standard_loss,
+        "standard loss {} -> {}",
+        first.standard_loss,
+        last.standard_loss
+    );
+    let (g0, g1) = (first.gated_loss.unwrap(), last.gated_loss.unwrap());
+    assert!(g1 < g0, "gated loss {g0} -> {g1}");
+
+    let gate = trainer::gate_of(&trained.model).expect("a CSG model has a gate");
+    assert_eq!((gate.filters, gate.classes), (32, 10));
+    for row in gate.values.chunks(gate.classes) {
+        let max = row.iter().copied().fold(f32::MIN, f32::max);
+        assert_eq!(
+            max, 1.0,
+            "every filter belongs fully to some class: {row:?}"
+        );
+        assert!(row.iter().all(|v| (0.0..=1.0).contains(v)), "{row:?}");
+    }
+    // The hinge pulls the gate below its all-ones start.
+    assert!(gate.density() < 0.95, "density {}", gate.density());
+}
+
+#[test]
+fn checkpoints_reload_to_the_same_outputs() {
+    let train = subset(400);
+    let mut config = config(true);
+    config.epochs = 1;
+    let trained = trainer::train(&config, &train, &device(), false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let classes: Vec<String> = data::FASHION_CLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let input = fashion_input(config.mean, config.std);
+    checkpoint::save(&trained.model, &classes, &input, &path).unwrap();
+
+    let inner = device().inner();
+    let (loaded, info) = checkpoint::load(&path, &inner).unwrap();
+    assert_eq!(info.architecture, config.architecture);
+    assert_eq!(info.classes, classes);
+    assert_eq!(info.input, input);
+    assert!(info.gated);
+    let before = trainer::evaluate(&trained.model.valid(), &train, 0.286, 0.353, 100, &inner);
+    let after = trainer::evaluate(&loaded.valid(), &train, 0.286, 0.353, 100, &inner);
+    assert_eq!(before.predictions, after.predictions);
+    let worst = before
+        .logits
+        .iter()
+        .zip(&after.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "logits differ by {worst}");
+    assert_eq!(trainer::gate_of(&loaded), trainer::gate_of(&trained.model));
+}
+
+#[test]
+fn standard_training_has_no_gate() {
+    let train = subset(200);
+    let mut config = config(false);
+    config.epochs = 1;
+    let trained = trainer::train(&config, &train, &device(), false).unwrap();
+    assert!(trainer::gate_of(&trained.model).is_none());
+    assert!(trained.history[0].gated_loss.is_none());
+}
