@@ -1,2 +1,20 @@
-//! csgd library.
+//! csgd: an inference daemon that flags adversarial inputs to class-specific-gate CNNs.
+//!
+//! Data flows one way: HTTP request ([`http`]) → decoding and preprocessing ([`preprocess`])
+//! → the model's batching queue ([`batch`]) → ONNX Runtime ([`runtime`]) → the detector's
+//! verdict ([`detect`]) → JSON answer. [`config`] holds the settings, [`registry`] the served
+//! models, [`metrics`] the Prometheus metrics, [`server`] and [`shutdown`] the process life
+//! cycle.
+
+pub mod batch;
+pub mod calibrate;
+pub mod config;
 pub mod detect;
+pub mod eval;
+pub mod http;
+pub mod metrics;
+pub mod preprocess;
+pub mod registry;
+pub mod runtime;
+pub mod server;
+pub mod shutdown;

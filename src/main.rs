@@ -1,10 +1,250 @@
-//! `csgd`: the adversarial-input detection daemon.
+//! `csgd`: the adversarial-input detection daemon's command line.
 
-use anyhow::{Result, bail};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use csgd::config::{self, LogFormat, Overrides, Provider, Settings};
+use csgd::detect::ScoreKind;
+
+#[derive(Parser)]
+#[command(
+    name = "csgd",
+    version,
+    about = "Flags adversarial images for class-specific-gate CNNs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve models over HTTP: detection, model information, health and metrics.
+    Serve(ServeArgs),
+    /// Fit the detector on clean held-out images and store it in the bundle (in place).
+    Calibrate(CalibrateArgs),
+    /// Detection figures (AUROC, TPR at fixed FPR) on clean test and adversarial images.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// The model bundle (ONNX file); its calibration section is rewritten atomically.
+    model: PathBuf,
+    /// Clean data: `fashion-mnist` (the validation split the trainer held out; optionally
+    /// `fashion-mnist:DIR`) or an image folder DIR/<class name>/*.png.
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Target false-positive rate of the thresholds.
+    #[arg(long, default_value_t = 0.05)]
+    fpr: f64,
+    /// Also set thresholds per predicted class where a class has ≥ 10/FPR table images.
+    #[arg(long)]
+    per_class: bool,
+    /// 1-based stages read besides the gated (last) one [default: stage 2 when the network
+    /// has three or more].
+    #[arg(long, value_delimiter = ',')]
+    stages: Option<Vec<usize>>,
+    /// Covariance shrinkage toward (trace/d)·I.
+    #[arg(long, default_value_t = 0.01)]
+    shrinkage: f64,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model and its attack runs: LABEL=MODEL.onnx:ATTACK_DIR[,ATTACK_DIR…] (repeatable).
+    #[arg(long = "run", required = true, value_parser = parse_eval_run)]
+    runs: Vec<csgd::eval::EvalModel>,
+    /// Clean Fashion-MNIST test images (from the start of the 10,000).
+    #[arg(long, default_value_t = 10000)]
+    clean_images: usize,
+    /// Where eval.json, eval.md and the ROC PNGs go.
+    #[arg(long, default_value = "eval")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+}
+
+fn parse_eval_run(text: &str) -> Result<csgd::eval::EvalModel, String> {
+    let (label, rest) = text
+        .split_once('=')
+        .ok_or("expected LABEL=MODEL.onnx:ATTACK_DIR[,ATTACK_DIR…]")?;
+    let (bundle, attacks) = rest.split_once(':').unwrap_or((rest, ""));
+    Ok(csgd::eval::EvalModel {
+        label: label.to_string(),
+        bundle: PathBuf::from(bundle),
+        attacks: attacks
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+    })
+}
+
+/// Flags override the config file and the `CSGD_*` environment variables.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with settings to merge over the built-in defaults (config/default.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP API (server.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Separate address for /metrics (server.metrics_listen; "" for none).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Serve this model (repeatable); replaces the configured model list.
+    #[arg(long = "model", value_name = "NAME=PATH", value_parser = config::parse_model_flag)]
+    models: Vec<(String, PathBuf)>,
+    /// Model behind POST /v1/detect (models.default).
+    #[arg(long, value_name = "NAME")]
+    default_model: Option<String>,
+    /// Verdict score of every served model.
+    #[arg(long, value_enum)]
+    score: Option<ScoreKind>,
+    /// ONNX Runtime library (runtime.ort_library).
+    #[arg(long, value_name = "PATH")]
+    ort_library: Option<PathBuf>,
+    /// Execution provider, in order of preference (repeatable; runtime.execution_providers).
+    #[arg(long = "provider", value_enum)]
+    providers: Vec<Provider>,
+    /// Log format (logging.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or info,csgd=debug (logging.level).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Set any key, e.g. --set batching.max_batch_size=64 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = config::parse_set_flag)]
+    set: Vec<(String, String)>,
+    /// Print the effective configuration as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config_file: self.config.clone(),
+            set: self.set.clone(),
+            listen: self.listen.clone(),
+            metrics_listen: self.metrics_listen.clone(),
+            models: self.models.clone(),
+            default_model: self.default_model.clone(),
+            score: self.score,
+            ort_library: self.ort_library.clone(),
+            providers: self.providers.clone(),
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+        }
+    }
+}
 
 fn main() -> Result<()> {
-    match std::env::args().nth(1).as_deref() {
-        Some("serve") => bail!("csgd serve: not yet implemented (see issue 4)"),
-        _ => bail!("usage: csgd serve"),
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Calibrate(args) => calibrate(&args),
+        Command::Eval(args) => eval(&args),
     }
+}
+
+/// The runtime settings of the default configuration (library path, providers, threads).
+fn runtime_config() -> Result<config::RuntimeConfig> {
+    Ok(Settings::load(&Overrides::default(), std::env::vars())
+        .context("invalid configuration")?
+        .runtime)
+}
+
+fn calibrate(args: &CalibrateArgs) -> Result<()> {
+    let mut model = csgd::runtime::Model::load(&args.model, &runtime_config()?)?;
+    let options = csgd::calibrate::CalibrateOptions {
+        data: csgd::calibrate::CleanData::parse(&args.data),
+        stages: args.stages.clone(),
+        fit: csgd::detect::fit::FitOptions {
+            fpr: args.fpr,
+            shrinkage: args.shrinkage,
+            per_class: args.per_class,
+            data: args.data.clone(),
+            ..Default::default()
+        },
+        batch_size: args.batch_size,
+    };
+    let cal = csgd::calibrate::calibrate(&args.model, &mut model, &options)
+        .with_context(|| format!("calibrating {}", args.model.display()))?;
+    println!(
+        "calibrated {} on {} + {} clean images ({}), target FPR {}",
+        args.model.display(),
+        cal.fit_images,
+        cal.table_images,
+        cal.data,
+        cal.fpr
+    );
+    for (score, threshold) in &cal.thresholds {
+        println!("  threshold {score:<18} {threshold:.4}");
+    }
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let runtime = runtime_config()?;
+    let options = csgd::eval::EvalOptions {
+        models: args.runs.clone(),
+        clean_images: args.clean_images,
+        batch_size: args.batch_size,
+        fprs: vec![0.01, 0.05],
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut results = Vec::new();
+    for run in &options.models {
+        let mut model = csgd::runtime::Model::load(&run.bundle, &runtime)?;
+        let (result, curves) = csgd::eval::evaluate_model(run, &mut model, &options)
+            .with_context(|| format!("evaluating {}", run.bundle.display()))?;
+        let png = args.out.join(format!("roc-{}.png", run.label));
+        csgd::eval::plot::roc_png(&png, &format!("{}: combined score", run.label), &curves)?;
+        results.push(result);
+    }
+    let json = args.out.join("eval.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let table = csgd::eval::report::markdown(&results, "5%");
+    std::fs::write(args.out.join("eval.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let settings =
+        Settings::load(&args.overrides(), std::env::vars()).context("invalid configuration")?;
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(());
+    }
+    init_logging(&settings.logging)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("csgd-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(csgd::server::run(settings))?;
+    Ok(())
+}
+
+fn init_logging(logging: &config::LoggingConfig) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&logging.level)
+        .with_context(|| format!("logging.level {:?}", logging.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let result = match logging.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }

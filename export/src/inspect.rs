@@ -96,7 +96,24 @@ pub fn summary(meta: &BundleMeta) -> String {
     }
     match &meta.calibration {
         None => line("calibration", "uncalibrated (run `csgd calibrate`)".into()),
-        Some(cal) => line("calibration", format!("calibrated; {}", highlights(cal))),
+        Some(cal) => {
+            let thresholds: Vec<String> = cal
+                .thresholds
+                .iter()
+                .map(|(score, t)| format!("{score} {t:.3}"))
+                .collect();
+            line(
+                "calibration",
+                format!(
+                    "calibrated for FPR {} on {} + {} clean images ({}); thresholds: {}",
+                    cal.fpr,
+                    cal.fit_images,
+                    cal.table_images,
+                    cal.data,
+                    thresholds.join(", ")
+                ),
+            )
+        }
     }
     s
 }

@@ -175,7 +175,10 @@ fn stage_selection_and_overrides() {
 
     // Calibration rewrites the metadata in place; the graph must still load and agree.
     let mut calibrated = meta.clone();
-    calibrated.calibration = Some(serde_json::json!({"threshold": 4.2}));
+    calibrated.calibration = Some(csg_bundle::calibration::Calibration {
+        thresholds: [("combined".to_string(), 4.2)].into(),
+        ..Default::default()
+    });
     csg_bundle::onnx::write_meta(&out, &calibrated).unwrap();
     assert_eq!(csg_bundle::onnx::read_meta(&out).unwrap(), calibrated);
     let again = run_model(&out, &input);

@@ -111,7 +111,7 @@ impl Schedule {
                 }
             }
             Schedule::Interleave { every } => {
-                if every > 0 && (step + 1) % every == 0 {
+                if every > 0 && (step + 1).is_multiple_of(every) {
                     StepKind::StandardThenGated
                 } else {
                     StepKind::Standard

@@ -3,12 +3,16 @@
 //! The backend is chosen in one place, [`device`]: the flex CPU backend with autodiff. A GPU
 //! backend is a feature and a match arm away.
 
+pub mod attacks;
 pub mod checkpoint;
 pub mod csg;
 pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod trainer;
+
+/// Re-exported so tests and tools build tensors with the same burn.
+pub use burn;
 
 use burn::prelude::Device;
 

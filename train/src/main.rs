@@ -1,4 +1,6 @@
-//! `csg-train`: trains CSG and standard networks on Fashion-MNIST.
+//! `csg-train`: trains CSG and standard networks on Fashion-MNIST, and attacks them.
+
+mod attack_cli;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,6 +31,8 @@ struct Cli {
 enum Command {
     /// Train a CSG network (or, with --std, the standard baseline) and write checkpoint + report.
     Train(TrainArgs),
+    /// Attack Fashion-MNIST test images; write 8-bit PNGs and manifest.json into --out.
+    Attack(attack_cli::AttackArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,10 +104,10 @@ struct TrainArgs {
     #[arg(long)]
     no_flip: bool,
     /// Images of the 60,000 training images held out for validation and calibration.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = data::DEFAULT_VALIDATION)]
     validation: usize,
     /// Seed of the split (fixed: calibration relies on it; change only deliberately).
-    #[arg(long, default_value_t = 20201)]
+    #[arg(long, default_value_t = data::DEFAULT_SPLIT_SEED)]
     split_seed: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -211,10 +215,15 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let trained = trainer::train(&config, &train, &device(), true)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let wall = started.elapsed().as_secs_f64();
+    let split = trainer::Split {
+        seed: args.split_seed,
+        validation: args.validation,
+    };
     let report = trainer::report(
         &config,
         &trained,
         (&train, &validation, &test),
+        split,
         wall,
         command,
     );
@@ -250,5 +259,6 @@ fn run_train(args: TrainArgs) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => run_train(args),
+        Command::Attack(args) => attack_cli::run(args),
     }
 }

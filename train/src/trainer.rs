@@ -216,7 +216,7 @@ pub fn train(
             }
             step += 1;
             bar.inc(1);
-            if step % 20 == 0 {
+            if step.is_multiple_of(20) {
                 bar.set_message(format!(
                     "epoch {epoch} loss {:.3} acc {:.3}{}",
                     std_loss / std_n.max(1) as f64,
@@ -332,6 +332,14 @@ pub fn evaluate(
     }
 }
 
+/// The seeded train/validation split a run used; `csgd calibrate` reads it back to fit on the
+/// same validation images.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Split {
+    pub seed: u64,
+    pub validation: usize,
+}
+
 /// The report written beside the checkpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -349,6 +357,7 @@ pub struct Report {
     pub train_images: usize,
     pub validation_images: usize,
     pub test_images: usize,
+    pub split: Split,
     pub steps: usize,
     pub wall_seconds: f64,
     pub command: String,
@@ -362,6 +371,7 @@ pub fn report(
     config: &TrainConfig,
     trained: &Trained,
     splits: (&Dataset, &Dataset, &Dataset),
+    split: Split,
     wall_seconds: f64,
     command: String,
 ) -> Report {
@@ -394,6 +404,7 @@ pub fn report(
         train_images: train.len(),
         validation_images: validation.len(),
         test_images: test.len(),
+        split,
         steps: trained.steps,
         wall_seconds,
         command,

@@ -3,7 +3,9 @@
 //! drift apart. [`onnx`] reads and writes the metadata inside an ONNX file.
 
 pub mod arch;
+pub mod calibration;
 pub mod checkpoint;
+pub mod dataset;
 pub mod meta;
 pub mod onnx;
 

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::calibration::Calibration;
 use crate::{Architecture, BundleError};
 
 /// Schema identifier; bump the suffix on any incompatible change.
@@ -36,7 +37,7 @@ pub struct BundleMeta {
     pub training: Option<serde_json::Value>,
     /// Filled by `csgd calibrate`; `None` means the daemon can predict but not judge.
     #[serde(default)]
-    pub calibration: Option<serde_json::Value>,
+    pub calibration: Option<Calibration>,
 }
 
 /// How raw pixels become the network's input tensor.

@@ -297,7 +297,10 @@ mod tests {
         assert_eq!(read_meta(&path).unwrap(), meta);
 
         meta.version = "2".into();
-        meta.calibration = Some(serde_json::json!({"threshold": 3.5}));
+        meta.calibration = Some(crate::calibration::Calibration {
+            thresholds: [("combined".to_string(), 3.5)].into(),
+            ..Default::default()
+        });
         write_meta(&path, &meta).unwrap();
         assert_eq!(read_meta(&path).unwrap(), meta);
         let bytes = std::fs::read(&path).unwrap();

@@ -1,0 +1,425 @@
+//! Fitting a [`Calibration`] from a model's outputs on clean, labelled images.
+//!
+//! The clean images are split in two: the first part fits per-class means and shrunk
+//! covariances, the second gives the clean score tables (p-values) and thresholds, so no table
+//! score was computed on an image its own statistics were fitted on.
+
+use std::collections::BTreeMap;
+
+use csg_bundle::{BundleMeta, Gate};
+use nalgebra::DMatrix;
+
+use csg_bundle::calibration::{
+    CALIBRATION_VERSION, Calibration, GATED, GatedPrecision, StageMetric, StageStats,
+};
+
+use super::{DetectError, Detector, Sample, ScoreKind, calibration, scores};
+
+/// Model outputs on a set of labelled clean images.
+#[derive(Debug, Clone, Default)]
+pub struct CleanOutputs {
+    pub labels: Vec<usize>,
+    /// [N, C] row-major.
+    pub logits: Vec<f32>,
+    /// Per stage read by the detector: (output name, 0-based stage, channels, [N, channels]).
+    pub stages: Vec<StageData>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StageData {
+    pub output: String,
+    pub stage: usize,
+    pub channels: usize,
+    pub values: Vec<f32>,
+}
+
+impl CleanOutputs {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn classes(&self) -> usize {
+        self.logits.len() / self.len().max(1)
+    }
+
+    fn sample(&self, i: usize) -> Sample<'_> {
+        let c = self.classes();
+        Sample {
+            logits: &self.logits[i * c..(i + 1) * c],
+            stages: self
+                .stages
+                .iter()
+                .map(|s| &s.values[i * s.channels..(i + 1) * s.channels])
+                .collect(),
+        }
+    }
+
+    fn predicted(&self, i: usize) -> usize {
+        scores::top_class(self.sample(i).logits).0
+    }
+}
+
+/// Calibration options.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Target false-positive rate.
+    pub fpr: f64,
+    /// Shrinkage of each covariance toward (trace/d)·I.
+    pub shrinkage: f64,
+    /// Also set thresholds per predicted class, where a class has enough table images.
+    pub per_class: bool,
+    /// Share of filters each class gets in an empirical gate (standard models).
+    pub empirical_share: f64,
+    /// Description of the data, stored in the section.
+    pub data: String,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            fpr: 0.05,
+            shrinkage: 0.01,
+            per_class: false,
+            empirical_share: 0.2,
+            data: String::new(),
+        }
+    }
+}
+
+/// Fits the calibration of `meta`'s model from outputs on two disjoint clean sets.
+pub fn fit(
+    meta: &BundleMeta,
+    fit_set: &CleanOutputs,
+    table_set: &CleanOutputs,
+    options: &FitOptions,
+) -> Result<Calibration, DetectError> {
+    let bad = |why: String| Err(DetectError::Calibration(why));
+    if !(options.fpr > 0.0 && options.fpr < 1.0) {
+        return bad(format!(
+            "target FPR must lie in (0, 1), got {}",
+            options.fpr
+        ));
+    }
+    let classes = meta.classes.len();
+    let correct: Vec<usize> = (0..fit_set.len())
+        .filter(|&i| fit_set.predicted(i) == fit_set.labels[i])
+        .collect();
+    for c in 0..classes {
+        if !correct.iter().any(|&i| fit_set.labels[i] == c) {
+            return bad(format!(
+                "no correctly classified clean image of class {c} ({}) to fit its statistics",
+                meta.classes[c]
+            ));
+        }
+    }
+    let Some(gated_stage) = fit_set.stages.last() else {
+        return bad("no stage outputs to fit".into());
+    };
+    let empirical_gate = match &meta.gate {
+        Some(_) => None,
+        None => Some(empirical_gate(
+            gated_stage,
+            fit_set,
+            &correct,
+            classes,
+            options,
+        )),
+    };
+    let gate = meta.gate.as_ref().or(empirical_gate.as_ref()).cloned();
+
+    let last = fit_set.stages.len() - 1;
+    let mut stages = Vec::new();
+    for (s, data) in fit_set.stages.iter().enumerate() {
+        let (means, cov) = class_means_and_covariance(data, &fit_set.labels, &correct, classes);
+        let d = data.channels;
+        let cov = shrink(cov, options.shrinkage);
+        let std = (0..d).map(|k| cov[(k, k)].sqrt() as f32).collect();
+        let metric = match (&gate, s == last) {
+            (Some(gate), true) => StageMetric::Gated {
+                classes: (0..classes)
+                    .map(|c| {
+                        let filters: Vec<usize> =
+                            (0..d).filter(|&k| gate.get(k, c) >= GATED).collect();
+                        let sub = cov.select_rows(&filters).select_columns(&filters);
+                        Ok(GatedPrecision {
+                            precision: invert(sub, data.stage)?,
+                            filters,
+                        })
+                    })
+                    .collect::<Result<_, DetectError>>()?,
+            },
+            _ => StageMetric::Full {
+                precision: invert(cov, data.stage)?,
+            },
+        };
+        stages.push(StageStats {
+            output: data.output.clone(),
+            stage: data.stage,
+            channels: d,
+            means,
+            std,
+            metric,
+        });
+    }
+
+    let mut calibration = Calibration {
+        version: CALIBRATION_VERSION,
+        fpr: options.fpr,
+        data: options.data.clone(),
+        fit_images: fit_set.len(),
+        table_images: table_set.len(),
+        empirical_gate,
+        combined_components: stages
+            .iter()
+            .map(StageStats::component_name)
+            .chain(["margin".to_string()])
+            .collect(),
+        stages,
+        tables: BTreeMap::new(),
+        combined_table: Vec::new(),
+        thresholds: BTreeMap::new(),
+        class_thresholds: BTreeMap::new(),
+    };
+
+    // Score tables from the second set.
+    let mut detector = Detector {
+        classes: meta.classes.clone(),
+        gate,
+        calibration: Some(calibration.clone()),
+        score: ScoreKind::Combined,
+        stage_outputs: table_set.stages.iter().map(|s| s.output.clone()).collect(),
+    };
+    let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())
+        .map(|i| detector.raw_scores(&table_set.sample(i)))
+        .collect();
+    let mut tables: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for row in &raw {
+        for (name, score) in row {
+            tables.entry(name.clone()).or_default().push(*score);
+        }
+    }
+    for table in tables.values_mut() {
+        table.sort_by(f64::total_cmp);
+    }
+    calibration.tables = tables;
+    detector.calibration = Some(calibration.clone());
+
+    // Every verdict score on the table set, then thresholds at the target FPR.
+    let predicted: Vec<usize> = (0..table_set.len())
+        .map(|i| table_set.predicted(i))
+        .collect();
+    let mut verdict_scores: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for i in 0..table_set.len() {
+        let verdict = detector.judge(&table_set.sample(i));
+        for kind in ScoreKind::ALL {
+            let score = calibration::verdict_score(&calibration, kind, &verdict.components);
+            if score.is_finite() {
+                verdict_scores.entry(kind.name()).or_default().push(score);
+            }
+        }
+    }
+    let mut combined = verdict_scores
+        .get(ScoreKind::Combined.name())
+        .cloned()
+        .unwrap_or_default();
+    combined.sort_by(f64::total_cmp);
+    calibration.combined_table = combined;
+    let min_per_class = (10.0 / options.fpr).ceil() as usize;
+    for (name, values) in &verdict_scores {
+        calibration.thresholds.insert(
+            name.to_string(),
+            quantile_threshold(values.clone(), options.fpr),
+        );
+        if options.per_class {
+            let per: Vec<Option<f64>> = (0..classes)
+                .map(|c| {
+                    let mine: Vec<f64> = values
+                        .iter()
+                        .zip(&predicted)
+                        .filter(|(_, p)| **p == c)
+                        .map(|(v, _)| *v)
+                        .collect();
+                    (mine.len() >= min_per_class).then(|| quantile_threshold(mine, options.fpr))
+                })
+                .collect();
+            calibration.class_thresholds.insert(name.to_string(), per);
+        }
+    }
+    Ok(calibration)
+}
+
+/// The smallest t with #{v > t} ≤ fpr·n: flags at most the target share of clean scores.
+pub fn quantile_threshold(mut values: Vec<f64>, fpr: f64) -> f64 {
+    if values.is_empty() {
+        return f64::INFINITY;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let allowed = (fpr * n as f64).floor() as usize;
+    values[n - 1 - allowed.min(n - 1)]
+}
+
+/// Per-class means over correctly classified images and the pooled within-class covariance.
+fn class_means_and_covariance(
+    data: &StageData,
+    labels: &[usize],
+    correct: &[usize],
+    classes: usize,
+) -> (Vec<Vec<f32>>, DMatrix<f64>) {
+    let d = data.channels;
+    let row = |i: usize| &data.values[i * d..(i + 1) * d];
+    let mut sums = vec![vec![0.0f64; d]; classes];
+    let mut counts = vec![0usize; classes];
+    for &i in correct {
+        counts[labels[i]] += 1;
+        for (s, &v) in sums[labels[i]].iter_mut().zip(row(i)) {
+            *s += f64::from(v);
+        }
+    }
+    let means: Vec<Vec<f64>> = sums
+        .iter()
+        .zip(&counts)
+        .map(|(s, &n)| s.iter().map(|v| v / n.max(1) as f64).collect())
+        .collect();
+    let mut cov = DMatrix::<f64>::zeros(d, d);
+    let mut diff = vec![0.0f64; d];
+    for &i in correct {
+        for ((dst, &v), m) in diff.iter_mut().zip(row(i)).zip(&means[labels[i]]) {
+            *dst = f64::from(v) - m;
+        }
+        for a in 0..d {
+            let da = diff[a];
+            for b in a..d {
+                cov[(a, b)] += da * diff[b];
+            }
+        }
+    }
+    let n = correct.len().max(1) as f64;
+    for a in 0..d {
+        for b in a..d {
+            let v = cov[(a, b)] / n;
+            cov[(a, b)] = v;
+            cov[(b, a)] = v;
+        }
+    }
+    let means = means
+        .into_iter()
+        .map(|m| m.into_iter().map(|v| v as f32).collect())
+        .collect();
+    (means, cov)
+}
+
+/// (1 − α)·Σ + α·(trace/d)·I: keeps the inverse stable for filters that barely vary.
+fn shrink(cov: DMatrix<f64>, alpha: f64) -> DMatrix<f64> {
+    let d = cov.nrows();
+    let scale = cov.trace() / d.max(1) as f64;
+    let scale = if scale > 0.0 { scale } else { 1e-6 };
+    cov * (1.0 - alpha) + DMatrix::identity(d, d) * (alpha * scale)
+}
+
+fn invert(cov: DMatrix<f64>, stage: usize) -> Result<Vec<f32>, DetectError> {
+    let d = cov.nrows();
+    if d == 0 {
+        return Ok(Vec::new());
+    }
+    let inverse = cov
+        .cholesky()
+        .ok_or_else(|| {
+            DetectError::Calibration(format!(
+                "covariance of stage {} is not positive definite even after shrinkage",
+                stage + 1
+            ))
+        })?
+        .inverse();
+    // Row-major; the matrix is symmetric, so the column-major buffer is the same.
+    Ok(inverse.iter().map(|&v| v as f32).collect())
+}
+
+/// Each class's top filters by clean mean activation, as a binary gate.
+fn empirical_gate(
+    stage: &StageData,
+    outputs: &CleanOutputs,
+    correct: &[usize],
+    classes: usize,
+    options: &FitOptions,
+) -> Gate {
+    let d = stage.channels;
+    let (means, _) = class_means_and_covariance(stage, &outputs.labels, correct, classes);
+    let top = ((options.empirical_share * d as f64).round() as usize).clamp(1, d);
+    let mut values = vec![0.0f32; d * classes];
+    for (c, mean) in means.iter().enumerate() {
+        let mut order: Vec<usize> = (0..d).collect();
+        order.sort_by(|&a, &b| mean[b].total_cmp(&mean[a]));
+        for &k in &order[..top] {
+            values[k * classes + c] = 1.0;
+        }
+    }
+    Gate {
+        filters: d,
+        classes,
+        values,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold_flags_at_most_the_target_share() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        let t = quantile_threshold(values.clone(), 0.05);
+        assert_eq!(t, 95.0);
+        assert_eq!(values.iter().filter(|&&v| v > t).count(), 5);
+        assert_eq!(quantile_threshold(vec![1.0], 0.05), 1.0);
+    }
+
+    #[test]
+    fn covariance_and_shrinkage_by_hand() {
+        // Two classes, one channel: class 0 values 1, 3 (mean 2), class 1 values 10, 14 (mean 12).
+        let data = StageData {
+            output: "a".into(),
+            stage: 0,
+            channels: 1,
+            values: vec![1.0, 3.0, 10.0, 14.0],
+        };
+        let (means, cov) = class_means_and_covariance(&data, &[0, 0, 1, 1], &[0, 1, 2, 3], 2);
+        assert_eq!(means, vec![vec![2.0], vec![12.0]]);
+        // Pooled within-class variance: (1 + 1 + 4 + 4) / 4 = 2.5.
+        assert!((cov[(0, 0)] - 2.5).abs() < 1e-12);
+        let shrunk = shrink(cov, 0.5);
+        assert!(
+            (shrunk[(0, 0)] - 2.5).abs() < 1e-12,
+            "a 1×1 matrix is its own trace/d"
+        );
+        let inv = invert(shrunk, 0).unwrap();
+        assert!((inv[0] - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn empirical_gate_picks_each_class_top_filters() {
+        // Three filters, two classes; class 0 fires filter 2 most, class 1 filter 0.
+        let stage = StageData {
+            output: "a".into(),
+            stage: 0,
+            channels: 3,
+            values: vec![0.0, 1.0, 5.0, 6.0, 1.0, 0.0],
+        };
+        let outputs = CleanOutputs {
+            labels: vec![0, 1],
+            logits: vec![1.0, 0.0, 0.0, 1.0],
+            stages: vec![stage.clone()],
+        };
+        let options = FitOptions {
+            empirical_share: 0.34,
+            ..FitOptions::default()
+        };
+        let gate = empirical_gate(&stage, &outputs, &[0, 1], 2, &options);
+        assert_eq!(gate.column(0), vec![0.0, 0.0, 1.0]);
+        assert_eq!(gate.column(1), vec![1.0, 0.0, 0.0]);
+    }
+}

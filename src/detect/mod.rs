@@ -1,0 +1,262 @@
+//! The detector: compares an input's activations with its predicted class's gate pattern and
+//! clean statistics, and turns the evidence into a verdict (REFERENCE §3).
+//!
+//! Everything here is pure: [`Detector::judge`] maps one image's model outputs plus the bundle's
+//! calibration to a [`Verdict`]. Fitting the calibration lives in [`fit`]; the daemon only
+//! evaluates.
+
+pub mod calibration;
+pub mod fit;
+pub mod scores;
+
+use csg_bundle::{BundleMeta, Gate};
+use serde::{Deserialize, Serialize};
+
+use csg_bundle::calibration::GATED;
+pub use csg_bundle::calibration::{Calibration, StageStats};
+
+/// Which score decides the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreKind {
+    /// Smallest p-value over the per-stage Mahalanobis scores and the logit margin.
+    Combined,
+    /// Mahalanobis distance on the predicted class's gated filters (the gated stage).
+    GatedMahalanobis,
+    /// −ln(top-1 − top-2 logit).
+    Margin,
+    /// 1 − max softmax.
+    Msp,
+    /// Share of activation off the class's gate pattern (the naive detector; weak).
+    GateMismatch,
+}
+
+impl ScoreKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreKind::Combined => "combined",
+            ScoreKind::GatedMahalanobis => "gated_mahalanobis",
+            ScoreKind::Margin => "margin",
+            ScoreKind::Msp => "msp",
+            ScoreKind::GateMismatch => "gate_mismatch",
+        }
+    }
+
+    pub const ALL: [ScoreKind; 5] = [
+        ScoreKind::Combined,
+        ScoreKind::GatedMahalanobis,
+        ScoreKind::Margin,
+        ScoreKind::Msp,
+        ScoreKind::GateMismatch,
+    ];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("calibration section does not fit this model: {0}")]
+    Calibration(String),
+}
+
+/// One image's model outputs, as the detector needs them.
+pub struct Sample<'a> {
+    pub logits: &'a [f32],
+    /// GAP activations of the stages listed by [`Detector::stage_outputs`], in that order.
+    pub stages: Vec<&'a [f32]>,
+}
+
+/// One piece of evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Component {
+    pub name: String,
+    pub score: f64,
+    /// Against the clean score table; `None` when uncalibrated.
+    pub p_value: Option<f64>,
+}
+
+/// A gated filter of the predicted class and how far it is from its clean mean.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FilterDeviation {
+    pub filter: usize,
+    pub gate: f32,
+    pub activation: f32,
+    pub clean_mean: f32,
+    /// (activation − clean mean) / clean std of that filter.
+    pub z: f32,
+}
+
+/// The answer for one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub class_id: usize,
+    pub label: String,
+    pub probability: f32,
+    /// `None` when the model is uncalibrated: it predicts but cannot judge.
+    pub is_adversarial: Option<bool>,
+    /// The verdict score (`instance_score` in Alibi Detect's words).
+    pub score: f64,
+    pub score_name: &'static str,
+    pub threshold: Option<f64>,
+    pub components: Vec<Component>,
+    pub top_filters: Vec<FilterDeviation>,
+}
+
+/// How many deviating filters a verdict lists.
+const TOP_FILTERS: usize = 5;
+
+/// Evaluates verdicts for one model.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    classes: Vec<String>,
+    /// The learned gate, or the calibration's empirical gate for a standard model.
+    gate: Option<Gate>,
+    calibration: Option<Calibration>,
+    score: ScoreKind,
+    /// ONNX outputs of the stages the detector reads (the gated stage last).
+    stage_outputs: Vec<String>,
+}
+
+impl Detector {
+    /// Builds the detector of a bundle; `score` chooses what decides the verdict.
+    pub fn new(meta: &BundleMeta, score: ScoreKind) -> Result<Self, DetectError> {
+        let calibration = meta.calibration.clone();
+        if let Some(c) = &calibration {
+            calibration::validate(c, meta)?;
+        }
+        let gate = meta
+            .gate
+            .clone()
+            .or_else(|| calibration.as_ref().and_then(|c| c.empirical_gate.clone()));
+        let stage_outputs = match &calibration {
+            Some(c) => c.stages.iter().map(|s| s.output.clone()).collect(),
+            None => vec![meta.outputs.activations.clone()],
+        };
+        Ok(Self {
+            classes: meta.classes.clone(),
+            gate,
+            calibration,
+            score,
+            stage_outputs,
+        })
+    }
+
+    /// Output names besides `logits` that [`Sample::stages`] must hold, in order.
+    pub fn stage_outputs(&self) -> &[String] {
+        &self.stage_outputs
+    }
+
+    pub fn is_calibrated(&self) -> bool {
+        self.calibration.is_some()
+    }
+
+    pub fn score_kind(&self) -> ScoreKind {
+        self.score
+    }
+
+    pub fn calibration(&self) -> Option<&Calibration> {
+        self.calibration.as_ref()
+    }
+
+    /// Name of the verdict score. Uncalibrated, only raw scores that need no clean statistics
+    /// exist, so the verdict reports one of those (the margin unless msp or gate mismatch).
+    pub fn score_name(&self) -> &'static str {
+        if self.calibration.is_some() {
+            return self.score.name();
+        }
+        match self.score {
+            ScoreKind::Msp => "msp",
+            ScoreKind::GateMismatch if self.gate.is_some() => "gate_mismatch",
+            _ => "margin",
+        }
+    }
+
+    /// Every raw score of one sample, keyed by component name (for calibration and eval).
+    pub fn raw_scores(&self, sample: &Sample<'_>) -> Vec<(String, f64)> {
+        let (class, _) = scores::top_class(sample.logits);
+        let mut out = Vec::new();
+        if let Some(cal) = &self.calibration {
+            for (stats, acts) in cal.stages.iter().zip(&sample.stages) {
+                out.push((
+                    stats.component_name(),
+                    calibration::stage_score(stats, acts, class),
+                ));
+            }
+        }
+        out.push(("margin".into(), scores::margin_score(sample.logits)));
+        out.push(("msp".into(), scores::msp_score(sample.logits)));
+        if let (Some(gate), Some(acts)) = (&self.gate, sample.stages.last()) {
+            out.push((
+                "gate_mismatch".into(),
+                scores::gate_mismatch(&gate.column(class), acts),
+            ));
+        }
+        out
+    }
+
+    /// The verdict for one image.
+    pub fn judge(&self, sample: &Sample<'_>) -> Verdict {
+        let (class_id, probability) = scores::top_class(sample.logits);
+        let raw = self.raw_scores(sample);
+        let components: Vec<Component> = raw
+            .iter()
+            .map(|(name, score)| Component {
+                name: name.clone(),
+                score: *score,
+                p_value: self
+                    .calibration
+                    .as_ref()
+                    .and_then(|c| calibration::p_value(c, name, *score)),
+            })
+            .collect();
+        let (score, threshold) = match &self.calibration {
+            Some(cal) => {
+                let score = calibration::verdict_score(cal, self.score, &components);
+                (score, calibration::threshold(cal, self.score, class_id))
+            }
+            None => {
+                let name = self.score_name();
+                let score = raw
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(f64::NAN, |(_, s)| *s);
+                (score, None)
+            }
+        };
+        let score_name = self.score_name();
+        Verdict {
+            class_id,
+            label: self.classes.get(class_id).cloned().unwrap_or_default(),
+            probability,
+            is_adversarial: threshold.map(|t| score > t),
+            score,
+            score_name,
+            threshold,
+            components,
+            top_filters: self.top_filters(sample, class_id),
+        }
+    }
+
+    /// The predicted class's gated filters ranked by |z| against clean statistics.
+    fn top_filters(&self, sample: &Sample<'_>, class: usize) -> Vec<FilterDeviation> {
+        let (Some(gate), Some(acts)) = (&self.gate, sample.stages.last()) else {
+            return Vec::new();
+        };
+        let gated_stats = self.calibration.as_ref().and_then(|c| c.stages.last());
+        let mut filters: Vec<FilterDeviation> = (0..gate.filters.min(acts.len()))
+            .filter(|&k| gate.get(k, class) >= GATED)
+            .map(|k| {
+                let (mean, std) =
+                    gated_stats.map_or((0.0, 1.0), |s| (s.means[class][k], s.std[k].max(1e-6)));
+                FilterDeviation {
+                    filter: k,
+                    gate: gate.get(k, class),
+                    activation: acts[k],
+                    clean_mean: mean,
+                    z: (acts[k] - mean) / std,
+                }
+            })
+            .collect();
+        filters.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()));
+        filters.truncate(TOP_FILTERS);
+        filters
+    }
+}

@@ -1,0 +1,286 @@
+//! The served models: loading their sessions, warming them up, and the name → model table the
+//! HTTP layer reads.
+//!
+//! Loading is split so that cheap checks (library, model files, metadata) fail before the
+//! daemon binds a port ([`preflight`]), the slow part (sessions, a dummy batch through each)
+//! runs on a blocking thread while `/health/live` already answers ([`load_sessions`]), and the
+//! batching tasks start on the async runtime once everything works ([`start`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use csg_bundle::BundleMeta;
+use ndarray::Array4;
+
+use crate::batch::{Batcher, Limits, ModelRunner};
+use crate::config::{ModelEntry, Settings};
+use crate::detect::{DetectError, Detector, Sample};
+use crate::metrics::Metrics;
+use crate::runtime::{self, Model, RuntimeError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("model {name:?}: {error}")]
+    Runtime { name: String, error: RuntimeError },
+    #[error("model {name:?}: {error}")]
+    Detector { name: String, error: DetectError },
+    #[error("model {name:?}: warm-up failed: {message}")]
+    Warmup { name: String, message: String },
+    #[error(transparent)]
+    Library(RuntimeError),
+}
+
+/// One model as served: its metadata, detector and batching queue.
+#[derive(Debug)]
+pub struct ServedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub meta: BundleMeta,
+    pub detector: Detector,
+    pub provider: String,
+    pub sessions: usize,
+    /// Graph outputs fetched per image: `logits`, then the detector's stage outputs.
+    pub outputs: Vec<String>,
+    pub batcher: Batcher,
+}
+
+/// The name → model table, complete once every model is warmed up.
+#[derive(Debug)]
+pub struct Registry {
+    models: BTreeMap<String, Arc<ServedModel>>,
+    default: String,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Option<&Arc<ServedModel>> {
+        self.models.get(name)
+    }
+
+    pub fn default_model(&self) -> Option<&Arc<ServedModel>> {
+        self.models.get(&self.default)
+    }
+
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.models.keys().map(String::as_str).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.models.values()
+    }
+}
+
+/// A model whose sessions are created and warmed up, not yet serving.
+pub struct Loaded {
+    entry: ModelEntry,
+    path: PathBuf,
+    meta: BundleMeta,
+    detector: Detector,
+    outputs: Vec<String>,
+    sessions: Vec<Model>,
+}
+
+/// Model paths are relative to the working directory.
+fn model_path(entry: &ModelEntry) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) => crate::config::resolve(&cwd, &entry.path),
+        Err(_) => entry.path.clone(),
+    }
+}
+
+/// Fast checks before binding: the ONNX Runtime library loads, every model file exists and
+/// has valid bundle metadata, and its calibration (if any) fits the model.
+pub fn preflight(settings: &Settings) -> Result<(), RegistryError> {
+    runtime::environment(&settings.runtime).map_err(RegistryError::Library)?;
+    for entry in &settings.models.list {
+        let meta = runtime::read_bundle_meta(&model_path(entry)).map_err(|error| {
+            RegistryError::Runtime {
+                name: entry.name.clone(),
+                error,
+            }
+        })?;
+        Detector::new(&meta, entry.score).map_err(|error| RegistryError::Detector {
+            name: entry.name.clone(),
+            error,
+        })?;
+    }
+    Ok(())
+}
+
+/// Creates every model's sessions and runs one dummy batch through each (blocking).
+pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> {
+    let mut loaded = Vec::new();
+    for entry in &settings.models.list {
+        let name = entry.name.clone();
+        let path = model_path(entry);
+        let mut sessions = Vec::new();
+        for _ in 0..settings.runtime.sessions_per_model {
+            let model =
+                Model::load(&path, &settings.runtime).map_err(|error| RegistryError::Runtime {
+                    name: name.clone(),
+                    error,
+                })?;
+            sessions.push(model);
+        }
+        let Some(first) = sessions.first() else {
+            return Err(RegistryError::Warmup {
+                name,
+                message: "no sessions (runtime.sessions_per_model)".into(),
+            });
+        };
+        let meta = first.meta().clone();
+        let detector =
+            Detector::new(&meta, entry.score).map_err(|error| RegistryError::Detector {
+                name: name.clone(),
+                error,
+            })?;
+        let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
+            .chain(detector.stage_outputs().iter().cloned())
+            .collect();
+        for session in &mut sessions {
+            warm_up(session, &meta, &detector, &outputs).map_err(|message| {
+                RegistryError::Warmup {
+                    name: name.clone(),
+                    message,
+                }
+            })?;
+        }
+        tracing::info!(
+            model = %name,
+            path = %path.display(),
+            version = %meta.version,
+            provider = sessions[0].provider(),
+            sessions = sessions.len(),
+            calibrated = detector.is_calibrated(),
+            score = detector.score_name(),
+            "model loaded and warmed up"
+        );
+        loaded.push(Loaded {
+            entry: entry.clone(),
+            path,
+            meta,
+            detector,
+            outputs,
+            sessions,
+        });
+    }
+    Ok(loaded)
+}
+
+/// Runs a zero batch and checks every output's width against the metadata, so that a graph
+/// whose outputs disagree with its bundle fails here rather than on a request.
+fn warm_up(
+    model: &mut Model,
+    meta: &BundleMeta,
+    detector: &Detector,
+    outputs: &[String],
+) -> Result<(), String> {
+    let spec = &meta.input;
+    let input = Array4::<f32>::zeros((1, spec.channels, spec.height, spec.width));
+    let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    let result = model.run(input.view(), &names).map_err(|e| e.to_string())?;
+    let expected_width = |name: &str| -> Option<usize> {
+        if name == meta.outputs.logits {
+            Some(meta.classes.len())
+        } else if name == meta.outputs.activations {
+            Some(meta.architecture.filters())
+        } else {
+            meta.outputs
+                .stages
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.channels)
+        }
+    };
+    for (name, array) in outputs.iter().zip(&result) {
+        if let Some(want) = expected_width(name)
+            && array.ncols() != want
+        {
+            return Err(format!(
+                "output {name:?} has {} values per image, the metadata implies {want}",
+                array.ncols()
+            ));
+        }
+    }
+    let rows: Vec<Vec<f32>> = result.iter().map(|a| a.row(0).to_vec()).collect();
+    let Some((logits, stages)) = rows.split_first() else {
+        return Err("no outputs".into());
+    };
+    let verdict = detector.judge(&Sample {
+        logits,
+        stages: stages.iter().map(Vec::as_slice).collect(),
+    });
+    tracing::debug!(
+        class = verdict.class_id,
+        score = verdict.score,
+        "warm-up verdict"
+    );
+    Ok(())
+}
+
+/// Starts each model's batching task and session threads (needs the tokio runtime).
+pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -> Registry {
+    let limits = Limits {
+        max_batch_size: settings.batching.max_batch_size,
+        max_wait: settings.batching.max_wait(),
+        queue_capacity: settings.batching.queue_capacity,
+    };
+    let mut models = BTreeMap::new();
+    for l in loaded {
+        let name = l.entry.name.clone();
+        let provider = l
+            .sessions
+            .first()
+            .map_or("cpu", |s| s.provider())
+            .to_owned();
+        let sessions = l.sessions.len();
+        let spec = &l.meta.input;
+        let shape = [spec.channels, spec.height, spec.width];
+        let runners: Vec<ModelRunner> = l
+            .sessions
+            .into_iter()
+            .map(|model| ModelRunner {
+                model,
+                outputs: l.outputs.clone(),
+            })
+            .collect();
+        let batcher = Batcher::start(&name, runners, shape, limits, Arc::clone(metrics));
+        let calibrated = if l.detector.is_calibrated() {
+            "true"
+        } else {
+            "false"
+        };
+        metrics
+            .model_info
+            .with_label_values(&[
+                name.as_str(),
+                l.meta.version.as_str(),
+                provider.as_str(),
+                l.detector.score_name(),
+                calibrated,
+            ])
+            .set(1.0);
+        metrics.queue_depth.with_label_values(&[&name]).set(0);
+        models.insert(
+            name.clone(),
+            Arc::new(ServedModel {
+                name,
+                path: l.path,
+                meta: l.meta,
+                detector: l.detector,
+                provider,
+                sessions,
+                outputs: l.outputs,
+                batcher,
+            }),
+        );
+    }
+    Registry {
+        models,
+        default: settings.models.default_name().to_owned(),
+    }
+}

@@ -1,0 +1,404 @@
+//! ONNX Runtime: loading the library, creating sessions on the configured execution providers,
+//! and running a bundle's graph.
+//!
+//! Everything here is blocking. The daemon runs each [`Model`] on a thread of its own (one
+//! session per thread: `ort`'s `Session::run` takes `&mut self`), and `csgd calibrate` uses the
+//! same type directly.
+//!
+//! The library is loaded dynamically (`ort`'s `load-dynamic`) with `ort::init_from`, which
+//! returns an error where `ort::init` would panic, so a missing or incompatible library is a
+//! start-up error that says where it looked and how to get one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use csg_bundle::BundleMeta;
+use ndarray::{Array2, ArrayView4, Ix2};
+use ort::ep::{self, ExecutionProviderDispatch};
+use ort::session::{OutputSelector, RunOptions, Session};
+use ort::value::{TensorElementType, TensorRef};
+
+use crate::config::{Provider, RuntimeConfig};
+
+/// Name of the graph input every bundle has (`[N, C, H, W]`, normalised as the metadata says).
+pub const INPUT_NAME: &str = "image";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "cannot load the ONNX Runtime library {}: {message}. Set runtime.ort_library (or the \
+         ORT_DYLIB_PATH environment variable) to a libonnxruntime.so of version 1.31 or newer, \
+         or run `.ci/fetch-ort` to download one to .ort/",
+        path.display()
+    )]
+    Library { path: PathBuf, message: String },
+    #[error("model file {}: {message}", path.display())]
+    ModelFile { path: PathBuf, message: String },
+    /// Unreadable or invalid bundle metadata; the message names the file.
+    #[error("{message}")]
+    Bundle { path: PathBuf, message: String },
+    #[error(
+        "execution provider {provider:?} could not be used: {message} (set runtime.allow_fallback = true to continue without it)"
+    )]
+    Provider {
+        provider: &'static str,
+        message: String,
+    },
+    #[error("ONNX Runtime could not load {}: {message}", path.display())]
+    Session { path: PathBuf, message: String },
+    #[error("model {} does not match its bundle metadata: {message}", path.display())]
+    Graph { path: PathBuf, message: String },
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// The process-wide ONNX Runtime environment, created on first use. The library can only be
+/// loaded once per process; later calls with another path reuse the first and say so.
+static ENVIRONMENT: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
+
+/// Loads the ONNX Runtime library (once per process) and returns the environment.
+pub fn environment(cfg: &RuntimeConfig) -> Result<ort::environment::Environment, RuntimeError> {
+    let path = absolute(&cfg.ort_library_path());
+    let mut guard = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((loaded, env)) = guard.as_ref() {
+        if *loaded != path {
+            tracing::warn!(
+                loaded = %loaded.display(),
+                requested = %path.display(),
+                "ONNX Runtime is already loaded; keeping the first library"
+            );
+        }
+        return Ok(env.clone());
+    }
+    let lib_err = |message: String| RuntimeError::Library {
+        path: path.clone(),
+        message,
+    };
+    if !path.is_file() {
+        return Err(lib_err("no such file".into()));
+    }
+    let env = ort::init_from(&path)
+        .map_err(|e| lib_err(e.to_string()))?
+        .with_name("csgd")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| lib_err(e.to_string()))?;
+    tracing::info!(library = %path.display(), "ONNX Runtime loaded");
+    *guard = Some((path, env.clone()));
+    Ok(env)
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// One ONNX Runtime session of a model bundle, with the bundle's metadata.
+pub struct Model {
+    session: Session,
+    meta: BundleMeta,
+    provider: &'static str,
+    path: PathBuf,
+    outputs: Vec<String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("name", &self.meta.name)
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Reads the bundle metadata of `path`, creates a session on the first execution provider
+    /// of `cfg` that works, and checks that the graph has the input and outputs the metadata
+    /// names.
+    pub fn load(path: &Path, cfg: &RuntimeConfig) -> Result<Model, RuntimeError> {
+        cfg.validate().map_err(|e| RuntimeError::Provider {
+            provider: "config",
+            message: e.to_string(),
+        })?;
+        let meta = read_bundle_meta(path)?;
+        let env = environment(cfg)?;
+        let (session, provider) = create_session(&env, path, cfg)?;
+        let model = Model {
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| o.name().to_owned())
+                .collect(),
+            session,
+            meta,
+            provider,
+            path: path.to_path_buf(),
+        };
+        model.check_graph()?;
+        tracing::debug!(model = %path.display(), provider, "session created");
+        Ok(model)
+    }
+
+    pub fn meta(&self) -> &BundleMeta {
+        &self.meta
+    }
+
+    /// The execution provider in use: the first configured one that registered.
+    pub fn provider(&self) -> &str {
+        self.provider
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The graph's output names.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Runs a batch `[N, C, H, W]` and returns the requested outputs, each `[N, D]`, in the
+    /// order requested (e.g. `["logits", "stage2_activations", "activations"]`). Only those
+    /// outputs are computed.
+    pub fn run(
+        &mut self,
+        input: ArrayView4<f32>,
+        outputs: &[&str],
+    ) -> Result<Vec<Array2<f32>>, RuntimeError> {
+        let spec = &self.meta.input;
+        let (n, c, h, w) = input.dim();
+        if n == 0 || (c, h, w) != (spec.channels, spec.height, spec.width) {
+            return Err(RuntimeError::Input(format!(
+                "batch has shape [{n}, {c}, {h}, {w}]; the model takes [N ≥ 1, {}, {}, {}]",
+                spec.channels, spec.height, spec.width
+            )));
+        }
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut selector = OutputSelector::no_default();
+        for name in outputs {
+            if !self.outputs.iter().any(|o| o == name) {
+                return Err(RuntimeError::Input(format!(
+                    "the model has no output {name:?} (it has {:?})",
+                    self.outputs
+                )));
+            }
+            selector = selector.with(*name);
+        }
+        let options = RunOptions::new()
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?
+            .with_outputs(selector);
+        let contiguous = input.as_standard_layout();
+        let tensor = TensorRef::from_array_view(contiguous.view())
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let results = self
+            .session
+            .run_with_options(ort::inputs![INPUT_NAME => tensor], &options)
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        outputs
+            .iter()
+            .map(|name| {
+                let value = results.get(name).ok_or_else(|| {
+                    RuntimeError::Inference(format!("ONNX Runtime returned no {name:?}"))
+                })?;
+                let view = value
+                    .try_extract_array::<f32>()
+                    .map_err(|e| RuntimeError::Inference(format!("output {name:?}: {e}")))?;
+                let shape = view.shape().to_vec();
+                let view = view.into_dimensionality::<Ix2>().map_err(|_| {
+                    RuntimeError::Inference(format!(
+                        "output {name:?} has shape {shape:?}, expected [N, D]"
+                    ))
+                })?;
+                if view.nrows() != n {
+                    return Err(RuntimeError::Inference(format!(
+                        "output {name:?} has {} rows for a batch of {n}",
+                        view.nrows()
+                    )));
+                }
+                Ok(view.to_owned())
+            })
+            .collect()
+    }
+
+    /// The graph must take `image` as f32 `[N, C, H, W]` matching the input spec (a dynamic
+    /// dimension matches anything) and produce every output the metadata names.
+    fn check_graph(&self) -> Result<(), RuntimeError> {
+        let bad = |message: String| RuntimeError::Graph {
+            path: self.path.clone(),
+            message,
+        };
+        let inputs = self.session.inputs();
+        let Some(input) = inputs.iter().find(|i| i.name() == INPUT_NAME) else {
+            return Err(bad(format!(
+                "the graph has no input {INPUT_NAME:?} (inputs: {:?})",
+                inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
+            )));
+        };
+        if input.dtype().tensor_type() != Some(TensorElementType::Float32) {
+            return Err(bad(format!("input {INPUT_NAME:?} is not a float32 tensor")));
+        }
+        let spec = &self.meta.input;
+        let want = [
+            -1,
+            spec.channels as i64,
+            spec.height as i64,
+            spec.width as i64,
+        ];
+        let dims: Vec<i64> = input
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        let fits = dims.len() == 4 && dims.iter().zip(want).skip(1).all(|(&d, w)| d < 0 || d == w);
+        if !fits {
+            return Err(bad(format!(
+                "input {INPUT_NAME:?} has shape {dims:?}; the metadata's input spec says [N, {}, {}, {}]",
+                spec.channels, spec.height, spec.width
+            )));
+        }
+        let o = &self.meta.outputs;
+        let named = [&o.logits, &o.activations]
+            .into_iter()
+            .chain(o.stages.iter().map(|s| &s.name));
+        for name in named {
+            if !self.outputs.iter().any(|x| x == name) {
+                return Err(bad(format!(
+                    "the metadata names output {name:?}, the graph has {:?}",
+                    self.outputs
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates a bundle's metadata, with errors that name the file and the problem.
+pub fn read_bundle_meta(path: &Path) -> Result<BundleMeta, RuntimeError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            return Err(RuntimeError::ModelFile {
+                path: path.to_path_buf(),
+                message: "is not a file".into(),
+            });
+        }
+        Err(e) => {
+            return Err(RuntimeError::ModelFile {
+                path: path.to_path_buf(),
+                message: format!("{e} (export one with `csg-export export`)"),
+            });
+        }
+    }
+    csg_bundle::onnx::read_meta(path).map_err(|e| {
+        let text = e.to_string();
+        let message = if text.contains(&path.display().to_string()) {
+            text
+        } else {
+            format!("model {}: {text}", path.display())
+        };
+        RuntimeError::Bundle {
+            path: path.to_path_buf(),
+            message,
+        }
+    })
+}
+
+fn dispatch(provider: Provider, cfg: &RuntimeConfig) -> ExecutionProviderDispatch {
+    match provider {
+        Provider::Cpu => ep::CPU::default().with_arena_allocator(true).build(),
+        #[cfg(feature = "gpu")]
+        Provider::Cuda => ep::CUDA::default().with_device_id(cfg.device_id).build(),
+        #[cfg(feature = "gpu")]
+        Provider::Tensorrt => {
+            let mut trt = ep::TensorRT::default()
+                .with_device_id(cfg.device_id)
+                .with_fp16(cfg.trt_fp16);
+            if !cfg.trt_engine_cache.trim().is_empty() {
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(cfg.trt_engine_cache.trim());
+            }
+            trt.build()
+        }
+        // Rejected by `RuntimeConfig::validate` on builds without the `gpu` feature.
+        #[cfg(not(feature = "gpu"))]
+        Provider::Cuda | Provider::Tensorrt => {
+            let _ = cfg;
+            ep::CPU::default().build()
+        }
+    }
+    .error_on_failure()
+}
+
+/// Creates a session on the configured providers. Each provider is registered explicitly so
+/// that a failure is seen (ONNX Runtime's default is to fall back to CPU silently): without
+/// `allow_fallback` it is an error naming the provider; with it, the provider is dropped and
+/// the rest are tried. A GPU provider that registers but cannot create the session is handled
+/// the same way. Returns the session and the first provider that registered.
+fn create_session(
+    env: &ort::environment::Environment,
+    path: &Path,
+    cfg: &RuntimeConfig,
+) -> Result<(Session, &'static str), RuntimeError> {
+    let session_err = |message: String| RuntimeError::Session {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut candidates = cfg.execution_providers.clone();
+    loop {
+        let mut builder = Session::builder(env)
+            .and_then(|b| {
+                b.with_intra_threads(cfg.intra_threads())
+                    .map_err(Into::into)
+            })
+            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .map_err(|e: ort::Error| session_err(e.to_string()))?;
+        let mut registered: Vec<Provider> = Vec::new();
+        let mut failed = None;
+        for &p in &candidates {
+            match dispatch(p, cfg).register(&mut builder) {
+                Ok(()) => registered.push(p),
+                Err(e) => {
+                    failed = Some((p, e.to_string()));
+                    break;
+                }
+            }
+        }
+        if let Some((p, message)) = failed {
+            if !cfg.allow_fallback {
+                return Err(RuntimeError::Provider {
+                    provider: p.name(),
+                    message,
+                });
+            }
+            tracing::warn!(provider = p.name(), %message, "execution provider unavailable; falling back");
+            candidates.retain(|&c| c != p);
+            continue;
+        }
+        match builder.commit_from_file(path) {
+            Ok(session) => {
+                let in_use = registered.first().map_or("cpu", |p| p.name());
+                return Ok((session, in_use));
+            }
+            Err(e) => {
+                let gpu = registered.iter().copied().find(|&p| p != Provider::Cpu);
+                match gpu {
+                    Some(p) if cfg.allow_fallback => {
+                        tracing::warn!(provider = p.name(), error = %e, "session creation failed on provider; falling back");
+                        candidates.retain(|&c| c != p);
+                    }
+                    _ => return Err(session_err(e.to_string())),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! `csgd serve`: start-up order, the listeners, and shutdown.
+//!
+//! 1. Cheap checks that can fail (ONNX Runtime library, model files and their metadata) run
+//!    before anything binds, so a broken deployment fails fast with the reason.
+//! 2. The listeners bind; `/health/live` answers at once, `/health/ready` says 503.
+//! 3. Sessions are created and warmed up with a dummy batch on a blocking thread; then the
+//!    batching tasks start and the daemon reports ready.
+//! 4. On SIGTERM/SIGINT: not ready any more, the listeners stop accepting, requests in flight
+//!    finish for up to the grace period, the process exits. A model that fails to load also
+//!    shuts the daemon down, with an error.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::{ConfigError, Settings};
+use crate::http::{self, AppState};
+use crate::metrics::{Metrics, MetricsError};
+use crate::registry::{self, RegistryError};
+use crate::shutdown::{self, Shutdown};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot listen on {addr} ({key}): {error}")]
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        error: std::io::Error,
+    },
+    #[error("the {which} server failed: {error}")]
+    Serve {
+        which: &'static str,
+        error: std::io::Error,
+    },
+    #[error("a start-up task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the daemon until a signal (Ok) or a fatal error.
+pub async fn run(settings: Settings) -> Result<(), ServerError> {
+    let signal = shutdown::signal();
+    tokio::pin!(signal);
+
+    let metrics = Arc::new(Metrics::new()?);
+    let preflight_settings = settings.clone();
+    tokio::task::spawn_blocking(move || registry::preflight(&preflight_settings))
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))??;
+
+    let listen = settings.server.listen_addr()?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|error| ServerError::Bind {
+            addr: listen,
+            key: "server.listen",
+            error,
+        })?;
+    let metrics_listener = match settings.server.metrics_addr()? {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|error| ServerError::Bind {
+                    addr,
+                    key: "server.metrics_listen",
+                    error,
+                })?,
+        ),
+        None => None,
+    };
+
+    let grace = settings.server.shutdown_grace();
+    let state = AppState::new(settings, Arc::clone(&metrics));
+    let stop = Shutdown::new();
+
+    let local = listener.local_addr().unwrap_or(listen);
+    tracing::info!(addr = %local, "csgd listening on http://{local}");
+    let mut servers = tokio::task::JoinSet::new();
+    let app = http::router(Arc::clone(&state));
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
+    servers.spawn(async move {
+        serve
+            .into_future()
+            .await
+            .map_err(|error| ServerError::Serve {
+                which: "API",
+                error,
+            })
+    });
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr().ok();
+        if let Some(addr) = addr {
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        }
+        let app = http::metrics_router(Arc::clone(&state));
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
+        servers.spawn(async move {
+            serve
+                .into_future()
+                .await
+                .map_err(|error| ServerError::Serve {
+                    which: "metrics",
+                    error,
+                })
+        });
+    }
+
+    let loader = tokio::spawn(load(Arc::clone(&state), Arc::clone(&metrics)));
+    tokio::pin!(loader);
+    let mut loader_done = false;
+    let mut failure: Option<ServerError> = None;
+
+    // Wait for a signal, a failed load, or a server that stopped on its own.
+    loop {
+        tokio::select! {
+            name = &mut signal => {
+                tracing::info!(signal = name, grace_seconds = grace.as_secs(), "shutting down: finishing requests in flight");
+                break;
+            }
+            result = &mut loader, if !loader_done => {
+                loader_done = true;
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => { failure = Some(e); break; }
+                    Err(e) => { failure = Some(ServerError::Task(e.to_string())); break; }
+                }
+            }
+            Some(result) = servers.join_next() => {
+                failure = Some(match result {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => ServerError::Task("a server stopped unexpectedly".into()),
+                    Err(e) => ServerError::Task(e.to_string()),
+                });
+                break;
+            }
+        }
+    }
+
+    state.set_ready(false);
+    stop.trigger();
+    if !loader_done {
+        loader.abort();
+    }
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(result) = servers.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::warn!(error = %e, "server error while draining");
+            }
+        }
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("all requests finished; bye"),
+        Err(_) => tracing::warn!(
+            in_flight = metrics.in_flight.get(),
+            "grace period over (server.shutdown_grace_seconds); abandoning requests in flight"
+        ),
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Creates and warms up every model's sessions, starts the batchers, reports ready.
+async fn load(state: Arc<AppState>, metrics: Arc<Metrics>) -> Result<(), ServerError> {
+    let settings = state.settings.clone();
+    let loaded = tokio::task::spawn_blocking(move || registry::load_sessions(&settings))
+        .await
+        .map_err(|e| ServerError::Task(e.to_string()))??;
+    let registry = registry::start(loaded, &state.settings, &metrics);
+    if state.registry.set(registry).is_err() {
+        return Err(ServerError::Task("models loaded twice".into()));
+    }
+    state.set_ready(true);
+    tracing::info!("ready");
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! The detector as the adaptive attack sees it (mirrors src/detect of the daemon).
+//!
+//! The daemon flags an image when its combined score S = max_k −ln p_k exceeds the
+//! calibrated threshold T of its predicted class ĉ, where p_k is the empirical p-value of
+//! component k against its sorted clean table: per-stage log Mahalanobis distance to ĉ's clean
+//! mean (over ĉ's gated filters at a gated stage), and the logit margin −ln(Z₁ − Z₂).
+//! S ≤ T holds exactly when every component's score is at most a cutoff q_k(ĉ), the table
+//! value at which −ln p_k reaches T ([`cutoff`]). [`DetectorSurrogate::judge`] computes S
+//! exactly, as the daemon does; `surrogate` is its differentiable stand-in,
+//! Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ), zero-ish once every component is δ under its cutoff.
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use burn::tensor::activation::{softmax, softplus};
+use csg_bundle::calibration::{Calibration, StageMetric};
+use serde::{Deserialize, Serialize};
+
+use super::{AttackError, argmax, index_tensor, rows};
+use crate::model::Forward;
+
+/// What a component measures.
+enum Kind {
+    /// A stage's log Mahalanobis distance. `metric` is the calibration's (for the exact score);
+    /// `padded` holds per class a d×d precision, zero outside the class's filters at a gated
+    /// stage, so that one batched matmul serves every class in the surrogate.
+    Stage {
+        stage: usize,
+        means: Vec<Vec<f32>>,
+        metric: StageMetric,
+        padded: Vec<f32>,
+    },
+    Margin,
+    Msp,
+}
+
+struct Component {
+    name: String,
+    kind: Kind,
+    table: Vec<f64>,
+    /// Cutoff per class.
+    cutoffs: Vec<f64>,
+}
+
+/// The detector as the attack sees it: the calibration's combined score, exactly (for
+/// checking) and as a differentiable surrogate (for gradients).
+pub struct DetectorSurrogate {
+    components: Vec<Component>,
+    thresholds: Vec<f64>,
+    classes: usize,
+}
+
+/// The exact detector's view of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Judgement {
+    pub class: usize,
+    pub score: f64,
+    pub threshold: f64,
+    pub flagged: bool,
+}
+
+/// Largest score s with −ln p(s) ≤ `threshold`, p(s) = (1 + #{t ≥ s}) / (n + 1) over the
+/// ascending `table`: +∞ if every score passes, −∞ if none can.
+pub fn cutoff(table: &[f64], threshold: f64) -> f64 {
+    let n = table.len();
+    let needed = ((-threshold).exp() * (n + 1) as f64 - 1.0 - 1e-9).ceil();
+    if needed <= 0.0 {
+        f64::INFINITY
+    } else if needed > n as f64 {
+        f64::NEG_INFINITY
+    } else {
+        table[n - needed as usize]
+    }
+}
+
+/// Mirrors the daemon's p-value (src/detect/scores.rs).
+fn p_value(table: &[f64], score: f64) -> f64 {
+    let below = table.partition_point(|&c| c < score);
+    (1 + table.len() - below) as f64 / (table.len() + 1) as f64
+}
+
+/// Mirrors the daemon's log Mahalanobis distance (src/detect/scores.rs).
+fn log_mahalanobis(x: &[f32], mean: &[f32], precision: &[f32], idx: Option<&[usize]>) -> f64 {
+    let diff: Vec<f64> = match idx {
+        Some(idx) => idx.iter().map(|&i| f64::from(x[i] - mean[i])).collect(),
+        None => x.iter().zip(mean).map(|(a, m)| f64::from(a - m)).collect(),
+    };
+    let d = diff.len();
+    let mut quad = 0.0;
+    for (i, row) in precision.chunks_exact(d.max(1)).enumerate() {
+        let dot: f64 = row.iter().zip(&diff).map(|(&p, &v)| f64::from(p) * v).sum();
+        quad += diff[i] * dot;
+    }
+    0.5 * (quad.max(0.0) + 1e-12).ln()
+}
+
+impl DetectorSurrogate {
+    /// Reads the combined score of `cal` for a model with `classes` classes and stages of
+    /// `stage_channels` channels.
+    pub fn new(
+        cal: &Calibration,
+        classes: usize,
+        stage_channels: &[usize],
+    ) -> Result<Self, AttackError> {
+        let bad = |why: String| AttackError::Calibration(why);
+        let global = cal.thresholds.get("combined").copied();
+        let per_class = cal.class_thresholds.get("combined");
+        let thresholds = (0..classes)
+            .map(|c| {
+                per_class
+                    .and_then(|v| v.get(c).copied().flatten())
+                    .or(global)
+                    .ok_or_else(|| bad("no threshold for the combined score".into()))
+            })
+            .collect::<Result<Vec<f64>, _>>()?;
+        let mut components = Vec::new();
+        for name in &cal.combined_components {
+            let table = cal
+                .tables
+                .get(name)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| bad(format!("component {name} has no clean table")))?
+                .clone();
+            let kind = match name.as_str() {
+                "margin" => Kind::Margin,
+                "msp" => Kind::Msp,
+                _ => {
+                    let s = cal
+                        .stages
+                        .iter()
+                        .find(|s| &s.component_name() == name)
+                        .ok_or_else(|| bad(format!("component {name} is not supported")))?;
+                    let d = s.channels;
+                    if stage_channels.get(s.stage) != Some(&d)
+                        || s.means.len() != classes
+                        || s.means.iter().any(|m| m.len() != d)
+                    {
+                        return Err(bad(format!("{name} does not fit the model's stages")));
+                    }
+                    let mut padded = vec![0.0f32; classes * d * d];
+                    for c in 0..classes {
+                        let (filters, p): (Vec<usize>, &[f32]) = match &s.metric {
+                            StageMetric::Full { precision } => ((0..d).collect(), precision),
+                            StageMetric::Gated { classes: per } => {
+                                let g = per
+                                    .get(c)
+                                    .ok_or_else(|| bad(format!("{name}: class {c}")))?;
+                                (g.filters.clone(), &g.precision)
+                            }
+                        };
+                        let m = filters.len();
+                        if p.len() != m * m || filters.iter().any(|&k| k >= d) {
+                            return Err(bad(format!("{name}: precision has the wrong shape")));
+                        }
+                        for (a, &fa) in filters.iter().enumerate() {
+                            for (b, &fb) in filters.iter().enumerate() {
+                                padded[c * d * d + fa * d + fb] = p[a * m + b];
+                            }
+                        }
+                    }
+                    Kind::Stage {
+                        stage: s.stage,
+                        means: s.means.clone(),
+                        metric: s.metric.clone(),
+                        padded,
+                    }
+                }
+            };
+            let cutoffs = thresholds.iter().map(|&t| cutoff(&table, t)).collect();
+            components.push(Component {
+                name: name.clone(),
+                kind,
+                table,
+                cutoffs,
+            });
+        }
+        if components.is_empty() {
+            return Err(bad("the combined score has no components".into()));
+        }
+        Ok(Self {
+            components,
+            thresholds,
+            classes,
+        })
+    }
+
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Component names and their per-class cutoffs.
+    pub fn cutoffs(&self) -> Vec<(String, Vec<f64>)> {
+        self.components
+            .iter()
+            .map(|c| (c.name.clone(), c.cutoffs.clone()))
+            .collect()
+    }
+
+    /// The exact detector on one image's logits and per-stage GAP activations.
+    pub fn judge(&self, logits: &[f32], stages: &[&[f32]]) -> Judgement {
+        let class = argmax(logits);
+        let mut score = 0.0f64;
+        for comp in &self.components {
+            let s = match &comp.kind {
+                Kind::Margin => {
+                    let mut sorted = logits.to_vec();
+                    sorted.sort_by(|a, b| b.total_cmp(a));
+                    let gap = f64::from(sorted[0] - sorted.get(1).copied().unwrap_or(f32::MIN));
+                    -(gap.max(0.0) + 1e-12).ln()
+                }
+                Kind::Msp => {
+                    let max = logits[class];
+                    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+                    1.0 - f64::from(1.0 / sum)
+                }
+                Kind::Stage {
+                    stage,
+                    means,
+                    metric,
+                    ..
+                } => match (stages.get(*stage), metric) {
+                    (Some(a), StageMetric::Full { precision }) => {
+                        log_mahalanobis(a, &means[class], precision, None)
+                    }
+                    (Some(a), StageMetric::Gated { classes }) => {
+                        let g = &classes[class];
+                        log_mahalanobis(a, &means[class], &g.precision, Some(&g.filters))
+                    }
+                    (None, _) => f64::INFINITY,
+                },
+            };
+            score = score.max(-p_value(&comp.table, s).ln());
+        }
+        let threshold = self.thresholds[class.min(self.classes - 1)];
+        Judgement {
+            class,
+            score,
+            threshold,
+            flagged: score > threshold,
+        }
+    }
+
+    /// Judges every image of a (plain) forward pass.
+    pub fn judge_forward(&self, out: Forward) -> Vec<Judgement> {
+        let logits = rows(out.logits);
+        let stages: Vec<Vec<Vec<f32>>> = out.stage_activations.into_iter().map(rows).collect();
+        (0..logits.len())
+            .map(|i| {
+                let acts: Vec<&[f32]> = stages.iter().map(|s| s[i].as_slice()).collect();
+                self.judge(&logits[i], &acts)
+            })
+            .collect()
+    }
+
+    /// Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ) per image, `[N, 1]`, differentiable.
+    pub(crate) fn surrogate(
+        &self,
+        out: &Forward,
+        towards: &[usize],
+        temperature: f32,
+        slack: f32,
+    ) -> Tensor<2> {
+        let n = towards.len();
+        let tau = temperature;
+        let device = out.logits.device();
+        let index = index_tensor(towards, &device);
+        let mut total = Tensor::<2>::zeros([n, 1], &device);
+        for comp in &self.components {
+            let (mut q, mut on) = (vec![0.0f32; n], vec![0.0f32; n]);
+            for (i, &c) in towards.iter().enumerate() {
+                let cut = comp.cutoffs[c];
+                if cut.is_finite() {
+                    q[i] = cut as f32;
+                    on[i] = 1.0;
+                }
+            }
+            let score = match &comp.kind {
+                Kind::Stage {
+                    stage,
+                    means,
+                    padded,
+                    ..
+                } => {
+                    let Some(acts) = out.stage_activations.get(*stage) else {
+                        continue;
+                    };
+                    let d = means.first().map_or(0, Vec::len);
+                    let flat: Vec<f32> = means.iter().flatten().copied().collect();
+                    let mu =
+                        Tensor::<2>::from_data(TensorData::new(flat, [self.classes, d]), &device)
+                            .select(0, index.clone());
+                    let p = Tensor::<3>::from_data(
+                        TensorData::new(padded.clone(), [self.classes, d, d]),
+                        &device,
+                    )
+                    .select(0, index.clone());
+                    let diff = acts.clone() - mu;
+                    let quad = (diff.clone().reshape([n, 1, d]).matmul(p).reshape([n, d]) * diff)
+                        .sum_dim(1);
+                    (quad.clamp_min(0.0) + 1e-12).log() * 0.5
+                }
+                Kind::Margin => {
+                    let gap = out_margin(out, towards);
+                    (softplus(gap / tau, 1.0) * tau + 1e-12).log().neg()
+                }
+                Kind::Msp => {
+                    let one_hot = one_hot(towards, self.classes, &device);
+                    (softmax(out.logits.clone(), 1) * one_hot).sum_dim(1).neg() + 1.0
+                }
+            };
+            let q = Tensor::<2>::from_data(TensorData::new(q, [n, 1]), &device);
+            let on = Tensor::<2>::from_data(TensorData::new(on, [n, 1]), &device);
+            let hinge = softplus((score - q + slack) / tau, 1.0) * tau;
+            total = total + hinge * on;
+        }
+        total
+    }
+}
+
+fn one_hot(classes: &[usize], c: usize, device: &Device) -> Tensor<2> {
+    let mut v = vec![0.0f32; classes.len() * c];
+    for (i, &k) in classes.iter().enumerate() {
+        v[i * c + k.min(c - 1)] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(v, [classes.len(), c]), device)
+}
+
+/// Z_ĉ − max_{j≠ĉ} Z_j, `[N, 1]`.
+fn out_margin(out: &Forward, towards: &[usize]) -> Tensor<2> {
+    let [_, c] = out.logits.dims();
+    let oh = one_hot(towards, c, &out.logits.device());
+    let own = (out.logits.clone() * oh.clone()).sum_dim(1);
+    own - out.logits.clone().mask_fill(oh.bool(), -1.0e9).max_dim(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutoff_is_the_last_score_that_stays_under_the_threshold() {
+        let table = [1.0, 2.0, 3.0, 4.0];
+        // p(s) = (1 + #{t ≥ s}) / 5. Threshold −ln(3/5): need #{t ≥ s} ≥ 2, so s ≤ 3.
+        let t = -(3.0f64 / 5.0).ln();
+        let q = cutoff(&table, t);
+        assert_eq!(q, 3.0);
+        assert!(-p_value(&table, q).ln() <= t);
+        assert!(-p_value(&table, q + 1e-9).ln() > t);
+        // Threshold 0 needs p = 1: only scores at or below the smallest clean one.
+        assert_eq!(cutoff(&table, 0.0), 1.0);
+        // The smallest p-value, 1/5, is still allowed: everything passes.
+        assert_eq!(cutoff(&table, -(1.0f64 / 5.0).ln()), f64::INFINITY);
+        assert_eq!(cutoff(&table, -1.0), f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn mahalanobis_mirror_matches_hand_computation() {
+        let d = log_mahalanobis(
+            &[4.0, 2.0, 9.0],
+            &[1.0, 1.0, 0.0],
+            &[1.0, 0.0, 0.0, 4.0],
+            Some(&[0, 1]),
+        );
+        assert!((d - 0.5 * 13.0f64.ln()).abs() < 1e-9);
+    }
+}
