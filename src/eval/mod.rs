@@ -116,13 +116,16 @@ pub struct ModelResult {
     pub worst_auroc: BTreeMap<String, f64>,
 }
 
-/// Every verdict score of every image in `tensor`.
+/// Every verdict score by score name, one value per image.
+type ScoreLists = BTreeMap<&'static str, Vec<f64>>;
+
+/// Predicted classes and every verdict score of every image in `tensor`.
 fn score_images(
     model: &mut Model,
     detector: &Detector,
     tensor: &Array4<f32>,
     batch_size: usize,
-) -> Result<(Vec<usize>, BTreeMap<&'static str, Vec<f64>>), EvalError> {
+) -> Result<(Vec<usize>, ScoreLists), EvalError> {
     let Some(cal) = detector.calibration() else {
         return Err(EvalError::Uncalibrated(model.path().to_owned()));
     };
@@ -131,7 +134,7 @@ fn score_images(
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut predicted = Vec::new();
-    let mut scores: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut scores = ScoreLists::new();
     let n = tensor.shape()[0];
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
