@@ -256,6 +256,10 @@ pub fn evaluate_model(
     let mut curves = plot::Curves::default();
     for dir in &spec.attacks {
         let (manifest, tensor) = load_png_folder(dir, model)?;
+        // The run's directory name says more than the attack's family (cw-k0 vs cw-k20).
+        let name = dir.file_name().map_or(manifest.attack.clone(), |n| {
+            n.to_string_lossy().into_owned()
+        });
         let (_, adv_scores) = score_images(model, &detector, &tensor, options.batch_size)?;
         let scores = ScoreKind::ALL
             .iter()
@@ -277,12 +281,11 @@ pub fn evaluate_model(
                 }
             })
             .collect();
-        curves.attacks.push((
-            manifest.attack.clone(),
-            adv_scores[ScoreKind::Combined.name()].clone(),
-        ));
+        curves
+            .attacks
+            .push((name.clone(), adv_scores[ScoreKind::Combined.name()].clone()));
         attacks.push(AttackResult {
-            attack: manifest.attack.clone(),
+            attack: name,
             targeted: manifest.targeted,
             attempted: manifest.summary.images,
             success_rate: manifest.summary.success_rate,
