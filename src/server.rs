@@ -83,33 +83,20 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(addr = %local, "csgd listening on http://{local}");
     let mut servers = tokio::task::JoinSet::new();
-    let app = http::router(Arc::clone(&state));
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
-    servers.spawn(async move {
-        serve
-            .into_future()
-            .await
-            .map_err(|error| ServerError::Serve {
-                which: "API",
-                error,
-            })
-    });
+    spawn_server(
+        &mut servers,
+        listener,
+        http::router(Arc::clone(&state)),
+        &stop,
+        "API",
+    );
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr().ok();
         if let Some(addr) = addr {
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
         }
         let app = http::metrics_router(Arc::clone(&state));
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
-        servers.spawn(async move {
-            serve
-                .into_future()
-                .await
-                .map_err(|error| ServerError::Serve {
-                    which: "metrics",
-                    error,
-                })
-        });
+        spawn_server(&mut servers, listener, app, &stop, "metrics");
     }
 
     let loader = tokio::spawn(load(Arc::clone(&state), Arc::clone(&metrics)));
@@ -182,4 +169,21 @@ async fn load(state: Arc<AppState>, metrics: Arc<Metrics>) -> Result<(), ServerE
     state.set_ready(true);
     tracing::info!("ready");
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stop` fires, as one task of `servers`.
+fn spawn_server(
+    servers: &mut tokio::task::JoinSet<Result<(), ServerError>>,
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: &Shutdown,
+    which: &'static str,
+) {
+    let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
+    servers.spawn(async move {
+        serve
+            .into_future()
+            .await
+            .map_err(|error| ServerError::Serve { which, error })
+    });
 }
