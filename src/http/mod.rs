@@ -1,9 +1,10 @@
 //! The HTTP API: router, shared state, and the small endpoints (models, health, metrics).
-//! Detection itself is in [`v1`], errors in [`error`].
+//! Detection itself is in [`v1`], which goes through [`detection`]. Errors are in [`error`].
 //!
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
 
+pub(crate) mod detection;
 pub mod error;
 pub mod v1;
 

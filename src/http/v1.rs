@@ -16,20 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::header;
-use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ApiError, AppState, ModelLabel};
+use super::{ApiError, AppState, ModelLabel, detection};
 use crate::batch::Output;
-use crate::detect::{Sample, Verdict};
+use crate::detect::Verdict;
 use crate::preprocess::{self, media_type};
 use crate::registry::ServedModel;
 
@@ -51,7 +48,7 @@ pub async fn detect_named(
 /// Resolves the model, then runs the request under the request timeout; tags the response
 /// with the model for the metrics.
 async fn detect(state: Arc<AppState>, name: Option<String>, req: Request) -> Response {
-    let model = match resolve(&state, name.as_deref()) {
+    let model = match detection::resolve(&state, name.as_deref()) {
         Ok(m) => Arc::clone(m),
         Err(e) => return e.into_response(),
     };
@@ -68,40 +65,6 @@ async fn detect(state: Arc<AppState>, name: Option<String>, req: Request) -> Res
     response
 }
 
-fn resolve<'a>(state: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ServedModel>, ApiError> {
-    let registry = state.registry()?;
-    if !state.is_ready() {
-        return Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the daemon is shutting down; retry on another instance",
-        ));
-    }
-    let found = match name {
-        Some(name) => registry.get(name),
-        None => registry.default_model(),
-    };
-    found.ok_or_else(|| {
-        ApiError::unknown_model(name.unwrap_or(registry.default_name()), &registry.names())
-    })
-}
-
-/// Decrements the in-flight gauge however the request ends (including timeouts).
-struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// The request after parsing, before preprocessing.
 enum Inputs {
     /// Encoded images with their declared media type (None: sniff).
@@ -113,24 +76,11 @@ enum Inputs {
 async fn handle(state: &AppState, model: &ServedModel, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
     let server = &state.settings.server;
-    let _permit = Arc::clone(&state.limiter)
-        .try_acquire_owned()
-        .map_err(|_| {
-            ApiError::overloaded(format!(
-                "more than {} detection requests in progress (server.max_concurrent_requests); retry later",
-                server.max_concurrent_requests
-            ))
-        })?;
-    let _in_flight = InFlight::new(&state.metrics.in_flight);
+    let _admitted = detection::admit(state)?;
 
     let (parts, body) = req.into_parts();
-    let limit = server.body_limit_bytes;
-    let declared_len = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let bytes = read_body(body, limit, declared_len).await?;
+    let declared_len = detection::declared_length(&parts);
+    let bytes = detection::read_body(body, server.body_limit_bytes, declared_len).await?;
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -140,7 +90,7 @@ async fn handle(state: &AppState, model: &ServedModel, req: Request) -> Result<R
     let (inputs, mut batched) = match media.as_str() {
         "application/json" => (Inputs::Json(bytes), false),
         "multipart/form-data" => (
-            Inputs::Images(multipart_images(parts, bytes, max_images).await?),
+            Inputs::Images(detection::multipart_images(parts, bytes, max_images, None).await?),
             true,
         ),
         _ if bytes.is_empty() => {
@@ -154,37 +104,22 @@ async fn handle(state: &AppState, model: &ServedModel, req: Request) -> Result<R
     let spec = model.meta.input.clone();
     let max_pixels = server.max_pixels;
     let pre_started = Instant::now();
-    let prepared = tokio::task::spawn_blocking(move || match inputs {
-        Inputs::Images(images) => preprocess_images(&images, &spec, max_pixels),
+    let (tensors, json_batched) = detection::blocking(move || match inputs {
+        Inputs::Images(images) => Ok((
+            detection::preprocess_images(&images, &spec, max_pixels)?,
+            false,
+        )),
         Inputs::Json(bytes) => preprocess_json(&bytes, &spec, max_pixels, max_images),
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))??;
-    let (tensors, json_batched) = prepared;
+    .await?;
     batched |= json_batched;
     let preprocess = pre_started.elapsed();
-    let n = tensors.len();
-    if n == 0 {
-        return Err(ApiError::malformed("the request holds no image"));
-    }
-    if n > max_images {
-        return Err(too_many_images(n, max_images));
-    }
-    let m = &state.metrics;
-    let name = model.name.as_str();
-    m.preprocess_duration
-        .with_label_values(&[name])
+    state
+        .metrics
+        .preprocess_duration
+        .with_label_values(&[model.name.as_str()])
         .observe(preprocess.as_secs_f64());
-    m.images.with_label_values(&[name]).observe(n as f64);
-
-    let replies = model.batcher.submit(tensors)?;
-    let mut outputs = Vec::with_capacity(n);
-    for reply in replies {
-        let output = reply
-            .await
-            .map_err(|_| ApiError::internal("the inference thread stopped"))??;
-        outputs.push(output);
-    }
+    let outputs = detection::infer(state, model, tensors).await?;
 
     let total_us = started.elapsed().as_micros() as u64;
     let results: Vec<ImageResult> = outputs
@@ -237,28 +172,8 @@ fn judge(
     preprocess: Duration,
     total_us: u64,
 ) -> Result<ImageResult, ApiError> {
-    let Some((logits, stages)) = out.outputs.split_first() else {
-        return Err(ApiError::internal("inference returned no outputs"));
-    };
+    let verdict = detection::verdict(state, model, out)?;
     let detector = &model.detector;
-    let verdict = detector.judge(&Sample {
-        logits,
-        stages: stages.iter().map(Vec::as_slice).collect(),
-    });
-    let m = &state.metrics;
-    let label = match verdict.is_adversarial {
-        Some(true) => "adversarial",
-        Some(false) => "clean",
-        None => "unjudged",
-    };
-    m.verdicts
-        .with_label_values(&[model.name.as_str(), verdict.label.as_str(), label])
-        .inc();
-    if verdict.score.is_finite() {
-        m.scores
-            .with_label_values(&[model.name.as_str(), verdict.score_name])
-            .observe(verdict.score);
-    }
     Ok(ImageResult {
         calibrated: detector.is_calibrated(),
         model: ModelRef {
@@ -276,111 +191,7 @@ fn judge(
     })
 }
 
-/// How much of an oversized body is still read (and thrown away) before answering 413. A
-/// server that answers while the client is still sending and then closes the connection makes
-/// the kernel reset it, and many clients then lose the answer; draining a bounded amount lets
-/// them read the 413. Bodies beyond this are cut off.
-const DRAIN_BYTES: u64 = 8 << 20;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
-/// Reads the body under `limit` bytes (`declared`: its Content-Length, if any).
-async fn read_body(mut body: Body, limit: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
-    if let Some(n) = declared
-        && n > limit as u64
-    {
-        if n <= limit as u64 + DRAIN_BYTES {
-            drain(body).await;
-        }
-        return Err(ApiError::body_too_large(limit));
-    }
-    let mut collected = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::malformed(format!("could not read the request body: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if collected.len() + data.len() > limit {
-                drain(body).await;
-                return Err(ApiError::body_too_large(limit));
-            }
-            collected.extend_from_slice(&data);
-        }
-    }
-    Ok(Bytes::from(collected))
-}
-
-/// Reads and discards up to [`DRAIN_BYTES`] of what is left, for at most [`DRAIN_TIME`].
-async fn drain(mut body: Body) {
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                seen += data.len() as u64;
-                if seen > DRAIN_BYTES {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
-}
-
-fn too_many_images(n: usize, max: usize) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-        "too_many_images",
-        format!(
-            "the request holds {n} images, more than server.max_images_per_request = {max}; split it or raise that key"
-        ),
-    )
-}
-
-async fn multipart_images(
-    parts: Parts,
-    bytes: Bytes,
-    max_images: usize,
-) -> Result<Vec<(Bytes, Option<String>)>, ApiError> {
-    // The original parts keep the body-limit extension, so axum adds no limit of its own.
-    let req = Request::from_parts(parts, Body::from(bytes));
-    let mut multipart = Multipart::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {e}")))?;
-    let mut images = Vec::new();
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {e}")))?
-    {
-        let content_type = field.content_type().map(str::to_owned);
-        let data = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::malformed(format!("multipart part: {e}")))?;
-        if images.len() == max_images {
-            return Err(too_many_images(images.len() + 1, max_images));
-        }
-        images.push((data, content_type));
-    }
-    Ok(images)
-}
-
 type Prepared = (Vec<Vec<f32>>, bool);
-
-fn preprocess_images(
-    images: &[(Bytes, Option<String>)],
-    spec: &csg_bundle::InputSpec,
-    max_pixels: u64,
-) -> Result<Prepared, ApiError> {
-    let n = images.len();
-    let tensors = images
-        .iter()
-        .enumerate()
-        .map(|(i, (bytes, content_type))| {
-            preprocess::preprocess_image(bytes, content_type.as_deref(), spec, max_pixels)
-                .map_err(|e| ApiError::from(e).for_image(i, n))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((tensors, false))
-}
 
 fn preprocess_json(
     bytes: &[u8],
@@ -401,15 +212,17 @@ fn preprocess_json(
         }
         (None, Some(Value::Array(items))) => {
             if items.len() > max_images {
-                return Err(too_many_images(items.len(), max_images));
+                return Err(detection::too_many_images(items.len(), max_images));
             }
             let n = items.len();
             let images = items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| decode_base64_image(item).map_err(|e| e.for_image(i, n)))
+                .map(|(i, item)| {
+                    detection::decode_base64_image(item).map_err(|e| e.for_image(i, n))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
-            let (tensors, _) = preprocess_images(&images, spec, max_pixels)?;
+            let tensors = detection::preprocess_images(&images, spec, max_pixels)?;
             Ok((tensors, true))
         }
         (None, Some(_)) => Err(ApiError::malformed(
@@ -422,31 +235,4 @@ fn preprocess_json(
             "expected a JSON object {\"tensor\": [...]} or {\"images\": [\"<base64>\", ...]}",
         )),
     }
-}
-
-/// Base64 text, or a `data:<type>;base64,<text>` URL whose type is then the declared one.
-fn decode_base64_image(item: &Value) -> Result<(Bytes, Option<String>), ApiError> {
-    let Value::String(text) = item else {
-        return Err(ApiError::malformed(
-            "each entry of \"images\" must be a base64 string",
-        ));
-    };
-    let (content_type, data) = match text.strip_prefix("data:") {
-        Some(rest) => match rest.split_once(',') {
-            Some((header, data)) if header.ends_with(";base64") => {
-                (Some(header.trim_end_matches(";base64").to_owned()), data)
-            }
-            _ => {
-                return Err(ApiError::malformed(
-                    "a data URL in \"images\" must be data:<type>;base64,<data>",
-                ));
-            }
-        },
-        None => (None, text.as_str()),
-    };
-    let data: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.as_bytes())
-        .map_err(|e| ApiError::malformed(format!("invalid base64: {e}")))?;
-    Ok((Bytes::from(bytes), content_type.filter(|t| !t.is_empty())))
 }
