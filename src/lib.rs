@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: HTTP request ([`http`]) → decoding and preprocessing ([`preprocess`])
 //! → the model's batching queue ([`batch`]) → ONNX Runtime ([`runtime`]) → the detector's
-//! verdict ([`detect`]) → JSON answer. [`config`] holds the settings, [`registry`] the served
+//! verdict ([`detect`]) → JSON answer. [`oip`] is the Open Inference Protocol's wire format. [`config`] holds the settings, [`registry`] the served
 //! models, [`metrics`] the Prometheus metrics, [`server`] and [`shutdown`] the process life
 //! cycle.
 
@@ -13,6 +13,7 @@ pub mod detect;
 pub mod eval;
 pub mod http;
 pub mod metrics;
+pub mod oip;
 pub mod preprocess;
 pub mod registry;
 pub mod runtime;

@@ -1,5 +1,6 @@
 //! The HTTP API: router, shared state, and the small endpoints (models, health, metrics).
-//! Detection itself is in [`v1`], which goes through [`detection`]. Errors are in [`error`].
+//! Detection itself is in [`v1`] and, in the Open Inference Protocol, [`v2`]; both go through
+//! [`detection`]. Errors are in [`error`].
 //!
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
@@ -7,6 +8,7 @@
 pub(crate) mod detection;
 pub mod error;
 pub mod v1;
+pub mod v2;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -76,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(model_info))
         .route("/v1/models/{name}/detect", post(v1::detect_named))
+        .merge(v2::routes())
         .merge(ops_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
