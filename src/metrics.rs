@@ -46,6 +46,26 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub model_info: GaugeVec,
     pub ready: IntGauge,
+    pub proxy: ProxyMetrics,
+}
+
+/// The sidecar proxy's metrics. `route` is a configured route pattern, or "" for requests
+/// that matched none (passed through unchecked by design).
+pub struct ProxyMetrics {
+    /// Requests sent on to the upstream (whether or not it answered).
+    pub forwarded: IntCounterVec,
+    /// Requests answered by csgd instead: cause adversarial, fail_closed or invalid.
+    pub blocked: IntCounterVec,
+    /// Requests forwarded with `x-csgd-*` verdict headers, by verdict.
+    pub tagged: IntCounterVec,
+    /// Guarded requests csgd could not judge, by cause (the error kind).
+    pub unchecked: IntCounterVec,
+    /// Verdicts on guarded routes, by policy (shadow routes are only recorded here).
+    pub verdicts: IntCounterVec,
+    /// Upstream failures by kind: connect, timeout, reset, other.
+    pub upstream_errors: IntCounterVec,
+    /// Time from forwarding to the upstream's response headers.
+    pub upstream_duration: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -160,6 +180,44 @@ impl Metrics {
                 let g = IntGauge::new("ready", "1 when every model is loaded and warmed up.")?;
                 registry.register(Box::new(g.clone()))?;
                 g
+            },
+            proxy: ProxyMetrics {
+                forwarded: counter(
+                    "proxy_forwarded_total",
+                    "Requests the sidecar proxy sent on to the upstream, by route pattern (\"\": unguarded).",
+                    &["route"],
+                )?,
+                blocked: counter(
+                    "proxy_blocked_total",
+                    "Requests the proxy answered itself instead of forwarding, by route and cause (adversarial, fail_closed, invalid).",
+                    &["route", "cause"],
+                )?,
+                tagged: counter(
+                    "proxy_tagged_total",
+                    "Requests forwarded with x-csgd-* verdict headers, by route and verdict (clean, adversarial, unchecked).",
+                    &["route", "verdict"],
+                )?,
+                unchecked: counter(
+                    "proxy_unchecked_total",
+                    "Guarded requests csgd could not judge, by route and cause (error kind).",
+                    &["route", "cause"],
+                )?,
+                verdicts: counter(
+                    "proxy_verdicts_total",
+                    "Verdicts on guarded requests, by route, policy and verdict (clean, adversarial, unchecked).",
+                    &["route", "policy", "verdict"],
+                )?,
+                upstream_errors: counter(
+                    "proxy_upstream_errors_total",
+                    "Forwarded requests the upstream did not answer, by route and kind (connect, timeout, reset, other).",
+                    &["route", "kind"],
+                )?,
+                upstream_duration: histogram(
+                    "proxy_upstream_duration_seconds",
+                    "Time from forwarding a request to the upstream's response headers, by route.",
+                    &["route"],
+                    duration_buckets(),
+                )?,
             },
             registry,
         };

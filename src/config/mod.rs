@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::ScoreKind;
 
+mod proxy;
+pub use proxy::{FailurePolicy, ImageSource, Policy, ProxyConfig, ProxyRoute};
+
 /// The documented defaults, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -55,6 +58,7 @@ pub struct Settings {
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
     pub logging: LoggingConfig,
+    pub proxy: ProxyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -459,6 +463,12 @@ impl Settings {
             ));
         }
         self.validate_models()?;
+        let mut others = vec![("server.listen", listen)];
+        if let Some(metrics) = s.metrics_addr()? {
+            others.push(("server.metrics_listen", metrics));
+        }
+        let names: Vec<&str> = self.models.list.iter().map(|m| m.name.as_str()).collect();
+        self.proxy.validate(&others, &names)?;
         self.runtime.validate()?;
         if !valid_log_filter(&self.logging.level) {
             return Err(invalid(

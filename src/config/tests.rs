@@ -257,3 +257,106 @@ fn intra_threads_resolve_from_cores() {
     assert_eq!(rt.intra_threads(), 3);
     assert!(RuntimeConfig::default().intra_threads() >= 1);
 }
+
+#[test]
+fn proxy_is_off_by_default_and_routes_parse_from_a_file() {
+    let s = Settings::defaults().unwrap();
+    assert!(!s.proxy.enabled && s.proxy.routes.is_empty());
+    assert_eq!(s.proxy.on_error, FailurePolicy::FailClosed);
+    let (_f, o) = with_file(
+        "[proxy]\nenabled = true\nlisten = \"127.0.0.1:9100\"\nupstream = \"http://127.0.0.1:9000/api/\"\n\
+         on_error = \"fail-open\"\n\
+         [[proxy.routes]]\npath = \"/v2/models/*/infer\"\nimage = \"v2\"\npolicy = \"tag\"\n\
+         [[proxy.routes]]\npath = \"/predict\"\nmethods = [\"POST\", \"PUT\"]\nimage = \"json\"\n\
+         field = \"/image\"\nmodel = \"fashion-csg\"\npolicy = \"block\"\non_error = \"fail-closed\"\n",
+    );
+    let s = load(&o, &[]).unwrap();
+    let p = &s.proxy;
+    assert_eq!(p.upstream_uri().unwrap().path(), "/api/");
+    assert_eq!(p.routes.len(), 2);
+    assert_eq!(p.routes[0].methods, vec!["POST".to_owned()]);
+    assert_eq!(
+        (p.routes[0].image, p.routes[0].policy),
+        (ImageSource::V2, Policy::Tag)
+    );
+    assert_eq!(p.routes[0].on_error, None);
+    assert_eq!(p.routes[1].on_error, Some(FailurePolicy::FailClosed));
+    // The environment can switch it on.
+    let s = load(
+        &Overrides::default(),
+        &[
+            ("CSGD_PROXY__ENABLED", "true"),
+            ("CSGD_PROXY__UPSTREAM", "http://10.0.0.2:8000"),
+        ],
+    )
+    .unwrap();
+    assert!(s.proxy.enabled);
+}
+
+#[test]
+fn proxy_mistakes_name_their_key() {
+    let route = |body: &str| {
+        format!(
+            "[proxy]\nenabled = true\nupstream = \"http://127.0.0.1:9000\"\n[[proxy.routes]]\n{body}\n"
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("[proxy]\nenabled = true\n".into(), "proxy.upstream"),
+        (
+            "[proxy]\nenabled = true\nupstream = \"https://x:1\"\n".into(),
+            "https upstreams are not supported",
+        ),
+        (
+            "[proxy]\nenabled = true\nupstream = \"ftp://x:1\"\n".into(),
+            "proxy.upstream",
+        ),
+        (
+            "[proxy]\nenabled = true\nupstream = \"http://x:1\"\nlisten = \"127.0.0.1:8080\"\n"
+                .into(),
+            "proxy.listen must differ from server.listen",
+        ),
+        (
+            "[proxy]\nupstream_timeout_ms = 0\n".into(),
+            "proxy.upstream_timeout_ms",
+        ),
+        ("[proxy]\nlisten = \"nowhere\"\n".into(), "proxy.listen"),
+        (
+            route("path = \"predict\"\nimage = \"raw\"\npolicy = \"block\""),
+            "proxy.routes[0].path",
+        ),
+        (
+            route("path = \"/a/**/b\"\nimage = \"raw\"\npolicy = \"block\""),
+            "proxy.routes[0].path",
+        ),
+        (
+            route("path = \"/a\"\nimage = \"json\"\npolicy = \"block\""),
+            "proxy.routes[0].field",
+        ),
+        (
+            route("path = \"/a\"\nimage = \"raw\"\npolicy = \"block\"\nmodel = \"other\""),
+            "proxy.routes[0].model",
+        ),
+        (
+            route("path = \"/a\"\nimage = \"raw\"\npolicy = \"block\"\nmethods = [\"post\"]"),
+            "proxy.routes[0].methods",
+        ),
+        (
+            route("path = \"/a\"\nimage = \"raw\"\npolicy = \"block\"\nmethods = []"),
+            "proxy.routes[0].methods",
+        ),
+    ];
+    for (text, want) in cases {
+        let (_f, o) = with_file(&text);
+        let e = err(&o, &[]);
+        assert!(e.contains(want), "{text}\n→ {e}");
+    }
+    // Unknown values and keys are parse errors, not silently ignored.
+    for text in [
+        route("path = \"/a\"\nimage = \"raw\"\npolicy = \"deny\""),
+        route("path = \"/a\"\nimage = \"base64\"\npolicy = \"block\""),
+        route("path = \"/a\"\nimage = \"raw\"\npolicy = \"block\"\nfeild = \"x\""),
+    ] {
+        let (_f, o) = with_file(&text);
+        assert!(load(&o, &[]).is_err(), "{text}");
+    }
+}
