@@ -2,9 +2,10 @@
 //!
 //! Data flows one way: HTTP request ([`http`]) → decoding and preprocessing ([`preprocess`])
 //! → the model's batching queue ([`batch`]) → ONNX Runtime ([`runtime`]) → the detector's
-//! verdict ([`detect`]) → JSON answer. [`oip`] is the Open Inference Protocol's wire format. [`config`] holds the settings, [`registry`] the served
-//! models, [`metrics`] the Prometheus metrics, [`server`] and [`shutdown`] the process life
-//! cycle.
+//! verdict ([`detect`]) → JSON answer. [`oip`] is the Open Inference Protocol's wire format,
+//! [`proxy`] the sidecar mode that judges requests on their way to another classifier.
+//! [`config`] holds the settings, [`registry`] the served models, [`metrics`] the Prometheus
+//! metrics, [`server`] and [`shutdown`] the process life cycle.
 
 pub mod batch;
 pub mod calibrate;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod oip;
 pub mod preprocess;
+pub mod proxy;
 pub mod registry;
 pub mod runtime;
 pub mod server;

@@ -2,7 +2,8 @@
 //!
 //! 1. Cheap checks that can fail (ONNX Runtime library, model files and their metadata) run
 //!    before anything binds, so a broken deployment fails fast with the reason.
-//! 2. The listeners bind; `/health/live` answers at once, `/health/ready` says 503.
+//! 2. The listeners bind (API, optional metrics port, optional sidecar proxy); `/health/live`
+//!    answers at once, `/health/ready` says 503 (and guarded proxy routes cannot judge yet).
 //! 3. Sessions are created and warmed up with a dummy batch on a blocking thread; then the
 //!    batching tasks start and the daemon reports ready.
 //! 4. On SIGTERM/SIGINT: not ready any more, the listeners stop accepting, requests in flight
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use crate::config::{ConfigError, Settings};
 use crate::http::{self, AppState};
 use crate::metrics::{Metrics, MetricsError};
+use crate::proxy::{self, Proxy};
 use crate::registry::{self, RegistryError};
 use crate::shutdown::{self, Shutdown};
 
@@ -75,6 +77,20 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         ),
         None => None,
     };
+    let proxy_listener = if settings.proxy.enabled {
+        let addr = settings.proxy.listen_addr()?;
+        Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|error| ServerError::Bind {
+                    addr,
+                    key: "proxy.listen",
+                    error,
+                })?,
+        )
+    } else {
+        None
+    };
 
     let grace = settings.server.shutdown_grace();
     let state = AppState::new(settings, Arc::clone(&metrics));
@@ -97,6 +113,13 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
         }
         let app = http::metrics_router(Arc::clone(&state));
         spawn_server(&mut servers, listener, app, &stop, "metrics");
+    }
+    if let Some(listener) = proxy_listener {
+        let proxy = Proxy::new(Arc::clone(&state))?;
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, upstream = proxy.upstream(), routes = state.settings.proxy.routes.len(), "proxy listening on http://{addr}");
+        }
+        spawn_server(&mut servers, listener, proxy::router(proxy), &stop, "proxy");
     }
 
     let loader = tokio::spawn(load(Arc::clone(&state), Arc::clone(&metrics)));
@@ -171,7 +194,8 @@ async fn load(state: Arc<AppState>, metrics: Arc<Metrics>) -> Result<(), ServerE
     Ok(())
 }
 
-/// Serves `app` on `listener` until `stop` fires, as one task of `servers`.
+/// Serves `app` on `listener` until `stop` fires, as one task of `servers`. Handlers see the
+/// client's address (`ConnectInfo`), which the proxy passes on in `X-Forwarded-For`.
 fn spawn_server(
     servers: &mut tokio::task::JoinSet<Result<(), ServerError>>,
     listener: tokio::net::TcpListener,
@@ -179,6 +203,7 @@ fn spawn_server(
     stop: &Shutdown,
     which: &'static str,
 ) {
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
     servers.spawn(async move {
         serve

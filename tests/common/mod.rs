@@ -111,8 +111,12 @@ pub struct Daemon {
     child: Child,
     pub base: String,
     pub metrics_base: Option<String>,
+    /// The sidecar proxy's address, when the configuration enables it.
+    pub proxy_base: Option<String>,
     pub log: Arc<Mutex<String>>,
     agent: ureq::Agent,
+    /// Holds a `--config` file written for this daemon.
+    _config: Option<tempfile::TempDir>,
 }
 
 /// Standard flags: loopback port 0, the test model as `fashion-csg`, the ORT library.
@@ -155,7 +159,29 @@ impl Daemon {
         Self::start_args(&args)
     }
 
+    /// Starts `csgd` with [`base_args`], `--config` holding `config` (TOML) and `--set` for
+    /// each of `sets`; waits for the proxy listener too when `config` enables it.
+    pub fn start_with_config(config: &str, sets: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csgd.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut args = base_args();
+        args.push("--config".into());
+        args.push(path.display().to_string());
+        for (k, v) in sets {
+            args.push("--set".into());
+            args.push(format!("{k}={v}"));
+        }
+        let mut d = Self::start_args_with(&args, config.contains("enabled = true"));
+        d._config = Some(dir);
+        d
+    }
+
     pub fn start_args(args: &[String]) -> Daemon {
+        Self::start_args_with(args, false)
+    }
+
+    fn start_args_with(args: &[String], wants_proxy: bool) -> Daemon {
         let mut child = csgd()
             .args(args)
             .stdout(Stdio::null())
@@ -175,6 +201,7 @@ impl Daemon {
                 for (marker, kind) in [
                     ("csgd listening on http://", "api"),
                     ("metrics on http://", "metrics"),
+                    ("proxy listening on http://", "proxy"),
                 ] {
                     if let Some(rest) = line.split(marker).nth(1) {
                         let addr: String = rest
@@ -190,14 +217,19 @@ impl Daemon {
         });
         let mut base = None;
         let mut metrics_base = None;
+        let mut proxy_base = None;
         let deadline = Instant::now() + Duration::from_secs(60);
         let wants_metrics = args
             .iter()
             .any(|a| a.starts_with("server.metrics_listen=") || a == "--metrics-listen");
-        while base.is_none() || (wants_metrics && metrics_base.is_none()) {
+        while base.is_none()
+            || (wants_metrics && metrics_base.is_none())
+            || (wants_proxy && proxy_base.is_none())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((kind, addr)) if kind == "api" => base = Some(format!("http://{addr}")),
+                Ok((kind, addr)) if kind == "proxy" => proxy_base = Some(format!("http://{addr}")),
                 Ok((_, addr)) => metrics_base = Some(format!("http://{addr}")),
                 Err(_) => {
                     let _ = child.kill();
@@ -209,8 +241,10 @@ impl Daemon {
             child,
             base: base.unwrap(),
             metrics_base,
+            proxy_base,
             log,
             agent: agent(),
+            _config: None,
         };
         daemon.wait_ready();
         daemon
@@ -359,4 +393,74 @@ pub fn multipart(images: &[Vec<u8>]) -> (String, Vec<u8>) {
     }
     body.extend(format!("--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// The stand-in upstream classifier (`csgd-test-upstream`), killed when dropped.
+pub struct Upstream {
+    child: Child,
+    /// `host:port`.
+    pub addr: String,
+    agent: ureq::Agent,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_csgd-test-upstream"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn csgd-test-upstream");
+        let mut line = String::new();
+        let stdout = child.stdout.take().unwrap();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("upstream listening on http://")
+            .unwrap_or_else(|| panic!("unexpected upstream output {line:?}"))
+            .to_owned();
+        Upstream {
+            child,
+            addr,
+            agent: agent(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request it received so far: method, uri, headers ([name, value] pairs), body_len,
+    /// fnv (of the body), conn (connection number).
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        let (status, text) = get_url(&self.agent, &self.url("/_upstream/log"));
+        assert_eq!(status, 200, "{text}");
+        match parse(&text) {
+            serde_json::Value::Array(items) => items,
+            other => panic!("upstream log is not an array: {other}"),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of header `name` in an upstream log entry.
+pub fn logged_header<'a>(entry: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    entry["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0].as_str() == Some(name))
+        .and_then(|h| h[1].as_str())
+}
+
+/// FNV-1a of `bytes`, as the upstream logs it.
+pub fn fnv1a(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016x}")
 }
