@@ -8,6 +8,9 @@
 //! | adversarial | 403 from csgd | forward, tagged | forward untouched |
 //! | invalid request (no or undecodable image, 4xx) | that 4xx | forward, tagged unchecked | forward untouched |
 //! | csgd cannot judge (overload, model error, timeout, not ready, uncalibrated) | fail-open: forward tagged unchecked; fail-closed: 503 | same | forward untouched |
+//!
+//! (A body over `server.body_limit_bytes` is answered 413 before any of this, whatever the
+//! policy: it cannot be judged without being read whole.)
 
 use axum::Json;
 use axum::http::header::{HeaderMap, HeaderName, HeaderValue};

@@ -9,6 +9,8 @@
 //! - `CSGD_FASHION_DIR`: the IDX files (default `/usr/share/datasets/fashion-mnist`).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
