@@ -67,6 +67,9 @@ struct EvalArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Also write every image's components (raw scores, p-values) as LABEL-components.json.
+    #[arg(long)]
+    dump_components: bool,
 }
 
 fn parse_eval_run(text: &str) -> Result<csgd::eval::EvalModel, String> {
@@ -197,6 +200,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         clean_images: args.clean_images,
         batch_size: args.batch_size,
         fprs: vec![0.01, 0.05],
+        dump_dir: args.dump_components.then(|| args.out.clone()),
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
