@@ -1,10 +1,11 @@
 //! The HTTP API: router, shared state, and the small endpoints (models, health, metrics).
-//! Detection itself is in [`v1`], errors in [`error`].
+//! Detection itself is in [`v1`], request bodies in `input`, errors in [`error`].
 //!
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
 
 pub mod error;
+mod input;
 pub mod v1;
 
 use std::sync::atomic::{AtomicBool, Ordering};
