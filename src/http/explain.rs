@@ -162,9 +162,9 @@ async fn handle(
             "an explanation takes one image per request; send batches to detect",
         ));
     };
-    let model_ = Arc::clone(model);
+    let served = Arc::clone(model);
     let (explanation, inference, pngs) = tokio::task::spawn_blocking(move || {
-        let Ok(session) = &model_.explain else {
+        let Ok(session) = &served.explain else {
             return Err(ApiError::internal("the explanation session went away"));
         };
         let (explanation, inference) = session.explain(&tensor, options.top).map_err(internal)?;

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use csgd::detect::{Detector, ScoreKind};
-use csgd::explain::Explainer;
+use csgd::explain::{Explainer, MapKind, render};
 use csgd::runtime::Model;
 
 use super::common::{self, Daemon, fashion_test, parse, png};
@@ -32,30 +32,33 @@ fn cost_of_an_explanation_against_a_detect_call() {
         .chain(detector.stage_outputs().iter().cloned())
         .collect();
     let explainer = Explainer::new(&meta, detector, &path).unwrap();
-    let time = |model: &mut Model, names: &[String]| {
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        run(model, &input, &names);
-        median(
-            (0..N)
-                .map(|_| {
-                    let t = Instant::now();
-                    run(model, &input, &names);
-                    t.elapsed().as_secs_f64() * 1e6
-                })
-                .collect(),
-        )
-    };
-    let plain = time(&mut model, &detect_outputs);
-    let with_map = time(&mut model, explainer.outputs());
-    let whole = median(
-        (0..N)
-            .map(|_| {
-                let t = Instant::now();
-                explainer.run(&mut model, &input[0], 5).unwrap();
-                t.elapsed().as_secs_f64() * 1e6
-            })
-            .collect(),
-    );
+    // Interleaved, so a change in the machine's load hits every figure alike.
+    let detect_names: Vec<&str> = detect_outputs.iter().map(String::as_str).collect();
+    let explain_names: Vec<&str> = explainer.outputs().iter().map(String::as_str).collect();
+    let spec = meta.input.clone();
+    let mut local = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..=N {
+        let t = Instant::now();
+        run(&mut model, &input, &detect_names);
+        let plain = t.elapsed();
+        let t = Instant::now();
+        run(&mut model, &input, &explain_names);
+        let with_map = t.elapsed();
+        let t = Instant::now();
+        let e = explainer.run(&mut model, &input[0], 5).unwrap();
+        let whole = t.elapsed();
+        let t = Instant::now();
+        let scale = render::default_scale(&spec);
+        render::overlay_png(&input[0], &spec, e.maps.get(MapKind::Gated), scale).unwrap();
+        let png = t.elapsed();
+        // The first round warms up.
+        if i > 0 {
+            for (k, d) in [plain, with_map, whole, png].into_iter().enumerate() {
+                local[k].push(d.as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let [plain, with_map, whole, png_render] = local.map(median);
 
     let d = Daemon::start(&[("batching.max_wait_us", "0")], &[]);
     let body = png(&images[0]);
@@ -82,6 +85,7 @@ fn cost_of_an_explanation_against_a_detect_call() {
     println!("  ONNX Runtime run, detect outputs:               {plain:>7.0} µs");
     println!("  ONNX Runtime run, detect outputs + feature_map: {with_map:>7.0} µs");
     println!("  explanation in process (run + maps + ranking):  {whole:>7.0} µs");
+    println!("  one 224×224 overlay PNG, drawn and encoded:     {png_render:>7.0} µs");
     println!("  HTTP detect:                                    {det:>7.0} µs");
     println!("  HTTP explain, JSON without PNGs:                {exp_plain:>7.0} µs");
     println!("  HTTP explain, JSON with both PNGs inline:       {exp_json:>7.0} µs");
