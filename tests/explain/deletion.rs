@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use csgd::detect::scores::top_class;
 use csgd::detect::{Detector, ScoreKind};
 use csgd::explain::deletion::{self, Fill};
 use csgd::explain::{Explainer, MapKind};
@@ -67,11 +68,7 @@ fn deletion(path: &Path, label: &'static str, images: &[Vec<u8>]) -> Vec<Row> {
         let out = run(&mut model, chunk, &["logits", &fm_name]);
         for i in 0..chunk.len() {
             let logits = out[0].index_axis(ndarray::Axis(0), i);
-            let class = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map_or(0, |(c, _)| c);
+            let class = top_class(&logits.iter().copied().collect::<Vec<_>>()).0;
             let fm = out[1].index_axis(ndarray::Axis(0), i);
             let &[_, h, w] = fm.shape() else {
                 panic!("feature map rank")
@@ -128,11 +125,7 @@ fn deletion(path: &Path, label: &'static str, images: &[Vec<u8>]) -> Vec<Row> {
                         for (i, p) in probabilities(logits, cs).into_iter().enumerate() {
                             drops.push(before[start * 250 + i] - p);
                             let row = logits.index_axis(ndarray::Axis(0), i);
-                            let now = row
-                                .iter()
-                                .enumerate()
-                                .max_by(|a, b| a.1.total_cmp(b.1))
-                                .map_or(0, |(c, _)| c);
+                            let now = top_class(&row.iter().copied().collect::<Vec<_>>()).0;
                             flips += usize::from(now != cs[i]);
                         }
                     }
