@@ -2,15 +2,16 @@
 //!
 //! Data flows one way: HTTP request ([`http`]) → decoding and preprocessing ([`preprocess`])
 //! → the model's batching queue ([`batch`]) → ONNX Runtime ([`runtime`]) → the detector's
-//! verdict ([`detect`]) → JSON answer. [`config`] holds the settings, [`registry`] the served
-//! models, [`metrics`] the Prometheus metrics, [`server`] and [`shutdown`] the process life
-//! cycle.
+//! verdict ([`detect`]) → JSON answer. [`explain`] answers, on request, which class-specific
+//! filters fired and where. [`config`] holds the settings, [`registry`] the served models,
+//! [`metrics`] the Prometheus metrics, [`server`] and [`shutdown`] the process life cycle.
 
 pub mod batch;
 pub mod calibrate;
 pub mod config;
 pub mod detect;
 pub mod eval;
+pub mod explain;
 pub mod http;
 pub mod metrics;
 pub mod preprocess;

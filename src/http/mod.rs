@@ -1,10 +1,13 @@
 //! The HTTP API: router, shared state, and the small endpoints (models, health, metrics).
-//! Detection itself is in [`v1`], errors in [`error`].
+//! Detection itself is in [`v1`], explanations in [`explain`], request bodies in `input`,
+//! errors in [`error`].
 //!
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
 
 pub mod error;
+pub mod explain;
+mod input;
 pub mod v1;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +78,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(model_info))
         .route("/v1/models/{name}/detect", post(v1::detect_named))
+        .route("/v1/explain", post(explain::explain_default))
+        .route("/v1/models/{name}/explain", post(explain::explain_named))
         .merge(ops_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -213,6 +218,10 @@ fn describe(model: &ServedModel) -> Value {
         "calibrated": detector.is_calibrated(),
         "score": detector.score_name(),
         "calibration": calibration,
+        "explain": match &model.explain {
+            Ok(_) => json!({ "available": true }),
+            Err(why) => json!({ "available": false, "reason": why }),
+        },
     })
 }
 
@@ -264,6 +273,8 @@ mod tests {
             ("GET", "/v1/models/fashion-csg"),
             ("POST", "/v1/detect"),
             ("POST", "/v1/models/fashion-csg/detect"),
+            ("POST", "/v1/explain"),
+            ("POST", "/v1/models/fashion-csg/explain"),
         ] {
             let (status, body) = call(&app, method, path).await;
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");

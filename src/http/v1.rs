@@ -1,40 +1,34 @@
-//! `POST /v1/detect` and `POST /v1/models/{name}/detect`.
+//! `POST /v1/detect` and `POST /v1/models/{name}/detect`, and the plumbing every model route
+//! shares: resolving the model, the concurrency limit, the request timeout and the metrics
+//! label.
 //!
-//! Request forms, told apart by Content-Type:
-//! - one image: `image/png`, `image/jpeg`, `application/octet-stream` or none (sniffed);
-//! - a batch of images: `multipart/form-data` (one image per part), or `application/json`
-//!   `{"images": ["<base64>", ...]}` (plain base64 or `data:image/png;base64,...`);
-//! - a raw tensor: `application/json` `{"tensor": [...]}` shaped `[C, H, W]` or `[N, C, H, W]`,
-//!   already normalised as the model's input spec says.
-//!
-//! One image (or a `[C, H, W]` tensor) is answered with one result object; every batch form
-//! with `{"results": [...]}` in request order. The body is read under
-//! `server.body_limit_bytes`; decoding and preprocessing run on the blocking pool; images go
-//! through the model's batching queue; the verdicts are computed here (they are cheap).
+//! The request forms are those of [`super::input`]. One image (or a `[C, H, W]` tensor) is
+//! answered with one result object; every batch form with `{"results": [...]}` in request
+//! order. Images go through the model's batching queue; the verdicts are computed here (they
+//! are cheap).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::{Body, Bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
-use axum::http::header;
-use axum::http::request::Parts;
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use http_body_util::BodyExt;
 use serde::Serialize;
-use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
 
+use super::input::{self, Images};
 use super::{ApiError, AppState, ModelLabel};
 use crate::batch::Output;
 use crate::detect::{Sample, Verdict};
-use crate::preprocess::{self, media_type};
 use crate::registry::ServedModel;
 
 pub async fn detect_default(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    detect(state, None, req).await
+    with_model(state, None, |state, model| async move {
+        handle(&state, &model, req).await
+    })
+    .await
 }
 
 pub async fn detect_named(
@@ -43,20 +37,33 @@ pub async fn detect_named(
     req: Request,
 ) -> Response {
     match name {
-        Ok(Path(name)) => detect(state, Some(name), req).await,
+        Ok(Path(name)) => {
+            with_model(state, Some(name), |state, model| async move {
+                handle(&state, &model, req).await
+            })
+            .await
+        }
         Err(e) => ApiError::malformed(format!("model name in path: {e}")).into_response(),
     }
 }
 
-/// Resolves the model, then runs the request under the request timeout; tags the response
-/// with the model for the metrics.
-async fn detect(state: Arc<AppState>, name: Option<String>, req: Request) -> Response {
+/// Resolves the model (`None`: the default one), then runs `handle` under the request
+/// timeout; tags the response with the model for the metrics.
+pub(super) async fn with_model<F, Fut>(
+    state: Arc<AppState>,
+    name: Option<String>,
+    handle: F,
+) -> Response
+where
+    F: FnOnce(Arc<AppState>, Arc<ServedModel>) -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
     let model = match resolve(&state, name.as_deref()) {
         Ok(m) => Arc::clone(m),
         Err(e) => return e.into_response(),
     };
     let timeout_ms = state.settings.server.request_timeout_ms;
-    let run = handle(&state, &model, req);
+    let run = handle(Arc::clone(&state), Arc::clone(&model));
     let mut response = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => e.into_response(),
@@ -86,97 +93,49 @@ fn resolve<'a>(state: &'a AppState, name: Option<&str>) -> Result<&'a Arc<Served
     })
 }
 
-/// Decrements the in-flight gauge however the request ends (including timeouts).
-struct InFlight(prometheus::IntGauge);
+/// A request admitted under `server.max_concurrent_requests`, counted in the in-flight gauge
+/// until dropped (however the request ends, timeouts included).
+pub(super) struct Admission {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
 
-impl InFlight {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
+impl Admission {
+    /// Admits a request, or answers 429 at once when the limit is reached.
+    pub(super) fn new(state: &AppState) -> Result<Self, ApiError> {
+        let permit = Arc::clone(&state.limiter)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::overloaded(format!(
+                    "more than {} detection requests in progress (server.max_concurrent_requests); retry later",
+                    state.settings.server.max_concurrent_requests
+                ))
+            })?;
+        state.metrics.in_flight.inc();
+        Ok(Self {
+            _permit: permit,
+            gauge: state.metrics.in_flight.clone(),
+        })
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
-}
-
-/// The request after parsing, before preprocessing.
-enum Inputs {
-    /// Encoded images with their declared media type (None: sniff).
-    Images(Vec<(Bytes, Option<String>)>),
-    /// A JSON body (tensor or base64 images), parsed on the blocking pool.
-    Json(Bytes),
 }
 
 async fn handle(state: &AppState, model: &ServedModel, req: Request) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let server = &state.settings.server;
-    let _permit = Arc::clone(&state.limiter)
-        .try_acquire_owned()
-        .map_err(|_| {
-            ApiError::overloaded(format!(
-                "more than {} detection requests in progress (server.max_concurrent_requests); retry later",
-                server.max_concurrent_requests
-            ))
-        })?;
-    let _in_flight = InFlight::new(&state.metrics.in_flight);
+    let _admitted = Admission::new(state)?;
 
     let (parts, body) = req.into_parts();
-    let limit = server.body_limit_bytes;
-    let declared_len = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let bytes = read_body(body, limit, declared_len).await?;
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let media = content_type.as_deref().map(media_type).unwrap_or_default();
-    let max_images = server.max_images_per_request;
-    let (inputs, mut batched) = match media.as_str() {
-        "application/json" => (Inputs::Json(bytes), false),
-        "multipart/form-data" => (
-            Inputs::Images(multipart_images(parts, bytes, max_images).await?),
-            true,
-        ),
-        _ if bytes.is_empty() => {
-            return Err(ApiError::malformed(
-                "empty request body: send an image, a multipart batch or JSON",
-            ));
-        }
-        _ => (Inputs::Images(vec![(bytes, content_type)]), false),
-    };
-
-    let spec = model.meta.input.clone();
-    let max_pixels = server.max_pixels;
-    let pre_started = Instant::now();
-    let prepared = tokio::task::spawn_blocking(move || match inputs {
-        Inputs::Images(images) => preprocess_images(&images, &spec, max_pixels),
-        Inputs::Json(bytes) => preprocess_json(&bytes, &spec, max_pixels, max_images),
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))??;
-    let (tensors, json_batched) = prepared;
-    batched |= json_batched;
-    let preprocess = pre_started.elapsed();
+    let Images {
+        tensors,
+        batched,
+        preprocess,
+    } = input::read_images(state, model, parts, body).await?;
     let n = tensors.len();
-    if n == 0 {
-        return Err(ApiError::malformed("the request holds no image"));
-    }
-    if n > max_images {
-        return Err(too_many_images(n, max_images));
-    }
-    let m = &state.metrics;
-    let name = model.name.as_str();
-    m.preprocess_duration
-        .with_label_values(&[name])
-        .observe(preprocess.as_secs_f64());
-    m.images.with_label_values(&[name]).observe(n as f64);
-
     let replies = model.batcher.submit(tensors)?;
     let mut outputs = Vec::with_capacity(n);
     for reply in replies {
@@ -211,9 +170,18 @@ struct ImageResult {
 }
 
 #[derive(Serialize)]
-struct ModelRef {
+pub(super) struct ModelRef {
     name: String,
     version: String,
+}
+
+impl ModelRef {
+    pub(super) fn of(model: &ServedModel) -> Self {
+        Self {
+            name: model.name.clone(),
+            version: model.meta.version.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -261,10 +229,7 @@ fn judge(
     }
     Ok(ImageResult {
         calibrated: detector.is_calibrated(),
-        model: ModelRef {
-            name: model.name.clone(),
-            version: model.meta.version.clone(),
-        },
+        model: ModelRef::of(model),
         timings: Timings {
             preprocess_us: preprocess.as_micros() as u64,
             queue_us: out.queue.as_micros() as u64,
@@ -274,179 +239,4 @@ fn judge(
         },
         verdict,
     })
-}
-
-/// How much of an oversized body is still read (and thrown away) before answering 413. A
-/// server that answers while the client is still sending and then closes the connection makes
-/// the kernel reset it, and many clients then lose the answer; draining a bounded amount lets
-/// them read the 413. Bodies beyond this are cut off.
-const DRAIN_BYTES: u64 = 8 << 20;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
-/// Reads the body under `limit` bytes (`declared`: its Content-Length, if any).
-async fn read_body(mut body: Body, limit: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
-    if let Some(n) = declared
-        && n > limit as u64
-    {
-        if n <= limit as u64 + DRAIN_BYTES {
-            drain(body).await;
-        }
-        return Err(ApiError::body_too_large(limit));
-    }
-    let mut collected = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::malformed(format!("could not read the request body: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if collected.len() + data.len() > limit {
-                drain(body).await;
-                return Err(ApiError::body_too_large(limit));
-            }
-            collected.extend_from_slice(&data);
-        }
-    }
-    Ok(Bytes::from(collected))
-}
-
-/// Reads and discards up to [`DRAIN_BYTES`] of what is left, for at most [`DRAIN_TIME`].
-async fn drain(mut body: Body) {
-    let _ = tokio::time::timeout(DRAIN_TIME, async {
-        let mut seen = 0u64;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                seen += data.len() as u64;
-                if seen > DRAIN_BYTES {
-                    break;
-                }
-            }
-        }
-    })
-    .await;
-}
-
-fn too_many_images(n: usize, max: usize) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-        "too_many_images",
-        format!(
-            "the request holds {n} images, more than server.max_images_per_request = {max}; split it or raise that key"
-        ),
-    )
-}
-
-async fn multipart_images(
-    parts: Parts,
-    bytes: Bytes,
-    max_images: usize,
-) -> Result<Vec<(Bytes, Option<String>)>, ApiError> {
-    // The original parts keep the body-limit extension, so axum adds no limit of its own.
-    let req = Request::from_parts(parts, Body::from(bytes));
-    let mut multipart = Multipart::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {e}")))?;
-    let mut images = Vec::new();
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| ApiError::malformed(format!("multipart body: {e}")))?
-    {
-        let content_type = field.content_type().map(str::to_owned);
-        let data = field
-            .bytes()
-            .await
-            .map_err(|e| ApiError::malformed(format!("multipart part: {e}")))?;
-        if images.len() == max_images {
-            return Err(too_many_images(images.len() + 1, max_images));
-        }
-        images.push((data, content_type));
-    }
-    Ok(images)
-}
-
-type Prepared = (Vec<Vec<f32>>, bool);
-
-fn preprocess_images(
-    images: &[(Bytes, Option<String>)],
-    spec: &csg_bundle::InputSpec,
-    max_pixels: u64,
-) -> Result<Prepared, ApiError> {
-    let n = images.len();
-    let tensors = images
-        .iter()
-        .enumerate()
-        .map(|(i, (bytes, content_type))| {
-            preprocess::preprocess_image(bytes, content_type.as_deref(), spec, max_pixels)
-                .map_err(|e| ApiError::from(e).for_image(i, n))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((tensors, false))
-}
-
-fn preprocess_json(
-    bytes: &[u8],
-    spec: &csg_bundle::InputSpec,
-    max_pixels: u64,
-    max_images: usize,
-) -> Result<Prepared, ApiError> {
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::malformed(format!("invalid JSON: {e}")))?;
-    let Value::Object(mut fields) = value else {
-        return Err(ApiError::malformed(
-            "expected a JSON object {\"tensor\": [...]} or {\"images\": [\"<base64>\", ...]}",
-        ));
-    };
-    match (fields.remove("tensor"), fields.remove("images")) {
-        (Some(tensor), None) => {
-            Ok(preprocess::tensor_from_json(&tensor, spec).map_err(ApiError::from)?)
-        }
-        (None, Some(Value::Array(items))) => {
-            if items.len() > max_images {
-                return Err(too_many_images(items.len(), max_images));
-            }
-            let n = items.len();
-            let images = items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| decode_base64_image(item).map_err(|e| e.for_image(i, n)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let (tensors, _) = preprocess_images(&images, spec, max_pixels)?;
-            Ok((tensors, true))
-        }
-        (None, Some(_)) => Err(ApiError::malformed(
-            "\"images\" must be an array of base64-encoded PNG or JPEG files",
-        )),
-        (Some(_), Some(_)) => Err(ApiError::malformed(
-            "send either \"tensor\" or \"images\", not both",
-        )),
-        (None, None) => Err(ApiError::malformed(
-            "expected a JSON object {\"tensor\": [...]} or {\"images\": [\"<base64>\", ...]}",
-        )),
-    }
-}
-
-/// Base64 text, or a `data:<type>;base64,<text>` URL whose type is then the declared one.
-fn decode_base64_image(item: &Value) -> Result<(Bytes, Option<String>), ApiError> {
-    let Value::String(text) = item else {
-        return Err(ApiError::malformed(
-            "each entry of \"images\" must be a base64 string",
-        ));
-    };
-    let (content_type, data) = match text.strip_prefix("data:") {
-        Some(rest) => match rest.split_once(',') {
-            Some((header, data)) if header.ends_with(";base64") => {
-                (Some(header.trim_end_matches(";base64").to_owned()), data)
-            }
-            _ => {
-                return Err(ApiError::malformed(
-                    "a data URL in \"images\" must be data:<type>;base64,<data>",
-                ));
-            }
-        },
-        None => (None, text.as_str()),
-    };
-    let data: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(data.as_bytes())
-        .map_err(|e| ApiError::malformed(format!("invalid base64: {e}")))?;
-    Ok((Bytes::from(bytes), content_type.filter(|t| !t.is_empty())))
 }
