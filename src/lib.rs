@@ -2,16 +2,18 @@
 //!
 //! Data flows one way: HTTP request ([`http`]) → decoding and preprocessing ([`preprocess`])
 //! → the model's batching queue ([`batch`]) → ONNX Runtime ([`runtime`]) → the detector's
-//! verdict ([`detect`]) → JSON answer. [`oip`] is the Open Inference Protocol's wire format,
-//! [`proxy`] the sidecar mode that judges requests on their way to another classifier.
-//! [`config`] holds the settings, [`registry`] the served models, [`metrics`] the Prometheus
-//! metrics, [`server`] and [`shutdown`] the process life cycle.
+//! verdict ([`detect`]) → JSON answer. [`explain`] answers, on request, which class-specific
+//! filters fired and where. [`oip`] is the Open Inference Protocol's wire format, [`proxy`]
+//! the sidecar mode that judges requests on their way to another classifier. [`config`] holds
+//! the settings, [`registry`] the served models, [`metrics`] the Prometheus metrics, [`server`]
+//! and [`shutdown`] the process life cycle.
 
 pub mod batch;
 pub mod calibrate;
 pub mod config;
 pub mod detect;
 pub mod eval;
+pub mod explain;
 pub mod http;
 pub mod metrics;
 pub mod oip;

@@ -27,6 +27,30 @@ enum Command {
     Calibrate(CalibrateArgs),
     /// Detection figures (AUROC, TPR at fixed FPR) on clean test and adversarial images.
     Eval(EvalArgs),
+    /// Explain images: the verdict, the filters that fired, and where (JSON and PNGs).
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    /// PNG or JPEG files.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Folder for STEM.json, STEM.gated.png and STEM.cam.png per image (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// The model bundle (exported with --feature-map).
+    #[arg(long, default_value = "models/fashion-csg.onnx")]
+    model: PathBuf,
+    /// Verdict score.
+    #[arg(long, value_enum, default_value = "combined")]
+    score: ScoreKind,
+    /// PNG upscaling factor [default: the shorter side reaches 224 pixels].
+    #[arg(long)]
+    scale: Option<u32>,
+    /// How many other-class filters to list.
+    #[arg(long, default_value_t = csgd::explain::DEFAULT_OTHER_FILTERS)]
+    top: usize,
 }
 
 #[derive(Args)]
@@ -67,6 +91,9 @@ struct EvalArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Also write every image's components (raw scores, p-values) as LABEL-components.json.
+    #[arg(long)]
+    dump_components: bool,
 }
 
 fn parse_eval_run(text: &str) -> Result<csgd::eval::EvalModel, String> {
@@ -150,6 +177,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(&args),
         Command::Calibrate(args) => calibrate(&args),
         Command::Eval(args) => eval(&args),
+        Command::Explain(args) => explain(&args),
     }
 }
 
@@ -197,6 +225,7 @@ fn eval(args: &EvalArgs) -> Result<()> {
         clean_images: args.clean_images,
         batch_size: args.batch_size,
         fprs: vec![0.01, 0.05],
+        dump_dir: args.dump_components.then(|| args.out.clone()),
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -215,6 +244,67 @@ fn eval(args: &EvalArgs) -> Result<()> {
     let table = csgd::eval::report::markdown(&results, "5%");
     std::fs::write(args.out.join("eval.md"), &table)?;
     println!("{table}");
+    Ok(())
+}
+
+fn explain(args: &ExplainArgs) -> Result<()> {
+    use csgd::explain::{ExplainSession, Explainer, MapKind, render};
+    let model = csgd::runtime::Model::load(&args.model, &runtime_config()?)?;
+    let meta = model.meta().clone();
+    let detector = csgd::detect::Detector::new(&meta, args.score)?;
+    let session = ExplainSession::new(Explainer::new(&meta, detector, &args.model)?, model)?;
+    let spec = &meta.input;
+    let scale = args.scale.unwrap_or_else(|| render::default_scale(spec));
+    anyhow::ensure!(
+        (1..=render::max_scale(spec)).contains(&scale),
+        "--scale must be 1 to {} for this model",
+        render::max_scale(spec)
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for path in &args.images {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let input = csgd::preprocess::preprocess_image(&bytes, None, spec, u64::MAX)
+            .with_context(|| format!("{}", path.display()))?;
+        let (explanation, _) = session.explain(&input, args.top)?;
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
+        let write = |name: String, bytes: &[u8]| {
+            let dest = args.out.join(name);
+            std::fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))
+        };
+        write(
+            format!("{stem}.json"),
+            serde_json::to_string_pretty(&explanation)?.as_bytes(),
+        )?;
+        for kind in [MapKind::Gated, MapKind::Cam] {
+            let png = render::overlay_png(&input, spec, explanation.maps.get(kind), scale)?;
+            write(format!("{stem}.{}.png", kind.name()), &png)?;
+        }
+        let v = &explanation.verdict;
+        let verdict = match v.is_adversarial {
+            Some(true) => "ADVERSARIAL",
+            Some(false) => "clean",
+            None => "unjudged (uncalibrated)",
+        };
+        let fired: Vec<String> = explanation
+            .class_filters
+            .iter()
+            .take(3)
+            .map(|f| format!("{} (z {:+.1})", f.filter, f.z))
+            .collect();
+        println!(
+            "{}: {} ({:.3}), {verdict}, {} {:.2}; top filters {}",
+            path.display(),
+            v.label,
+            v.probability,
+            v.score_name,
+            v.score,
+            fired.join(", ")
+        );
+    }
+    println!("wrote {}", args.out.display());
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use ndarray::Array4;
 use crate::batch::{Batcher, Limits, ModelRunner};
 use crate::config::{ModelEntry, Settings};
 use crate::detect::{DetectError, Detector, Sample};
+use crate::explain::{ExplainError, ExplainSession, Explainer};
 use crate::metrics::Metrics;
 use crate::runtime::{self, Model, RuntimeError};
 
@@ -27,6 +28,8 @@ pub enum RegistryError {
     Detector { name: String, error: DetectError },
     #[error("model {name:?}: warm-up failed: {message}")]
     Warmup { name: String, message: String },
+    #[error("model {name:?}: explanation session: {error}")]
+    Explain { name: String, error: ExplainError },
     #[error(transparent)]
     Library(RuntimeError),
 }
@@ -43,6 +46,8 @@ pub struct ServedModel {
     /// Graph outputs fetched per image: `logits`, then the detector's stage outputs.
     pub outputs: Vec<String>,
     pub batcher: Batcher,
+    /// The explanation session, or why the model cannot be explained.
+    pub explain: Result<ExplainSession, String>,
 }
 
 /// The name → model table, complete once every model is warmed up.
@@ -82,6 +87,7 @@ pub struct Loaded {
     detector: Detector,
     outputs: Vec<String>,
     sessions: Vec<Model>,
+    explain: Result<ExplainSession, String>,
 }
 
 /// Model paths are relative to the working directory.
@@ -149,6 +155,7 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
                 }
             })?;
         }
+        let explain = explain_session(&name, &path, &meta, &detector, settings)?;
         tracing::info!(
             model = %name,
             path = %path.display(),
@@ -157,6 +164,7 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
             sessions = sessions.len(),
             calibrated = detector.is_calibrated(),
             score = detector.score_name(),
+            explain = explain.is_ok(),
             "model loaded and warmed up"
         );
         loaded.push(Loaded {
@@ -166,9 +174,41 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
             detector,
             outputs,
             sessions,
+            explain,
         });
     }
     Ok(loaded)
+}
+
+/// A session for explanations, when the bundle supports them. A bundle without the feature
+/// map (or, for a standard model, without the calibration that supplies its gate) is served
+/// without explanations and says why; a session that fails to load or warm up is an error.
+fn explain_session(
+    name: &str,
+    path: &std::path::Path,
+    meta: &BundleMeta,
+    detector: &Detector,
+    settings: &Settings,
+) -> Result<Result<ExplainSession, String>, RegistryError> {
+    let explain_err = |error| RegistryError::Explain {
+        name: name.to_owned(),
+        error,
+    };
+    let explainer = match Explainer::new(meta, detector.clone(), path) {
+        Ok(e) => e,
+        Err(ExplainError::Unavailable(why)) => {
+            tracing::warn!(model = %name, "explanations unavailable: {why}");
+            return Ok(Err(why));
+        }
+        Err(e) => return Err(explain_err(e)),
+    };
+    let model = Model::load(path, &settings.runtime).map_err(|error| RegistryError::Runtime {
+        name: name.to_owned(),
+        error,
+    })?;
+    ExplainSession::new(explainer, model)
+        .map(Ok)
+        .map_err(explain_err)
 }
 
 /// Runs a zero batch and checks every output's width against the metadata, so that a graph
@@ -276,6 +316,7 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
                 sessions,
                 outputs: l.outputs,
                 batcher,
+                explain: l.explain,
             }),
         );
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use csg_bundle::BundleMeta;
-use ndarray::{Array2, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayD, ArrayView4, Ix2};
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::{TensorElementType, TensorRef};
@@ -172,6 +172,28 @@ impl Model {
         input: ArrayView4<f32>,
         outputs: &[&str],
     ) -> Result<Vec<Array2<f32>>, RuntimeError> {
+        self.run_any(input, outputs)?
+            .into_iter()
+            .zip(outputs)
+            .map(|(array, name)| {
+                let shape = array.shape().to_vec();
+                array.into_dimensionality::<Ix2>().map_err(|_| {
+                    RuntimeError::Inference(format!(
+                        "output {name:?} has shape {shape:?}, expected [N, D]"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Like [`Model::run`] for outputs of any rank (each `[N, …]`), such as the `[N, K, h, w]`
+    /// feature map that explanations fetch. ONNX Runtime computes and copies only what is
+    /// named here, so callers that do not name the feature map never pay for it.
+    pub fn run_any(
+        &mut self,
+        input: ArrayView4<f32>,
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>, RuntimeError> {
         let spec = &self.meta.input;
         let (n, c, h, w) = input.dim();
         if n == 0 || (c, h, w) != (spec.channels, spec.height, spec.width) {
@@ -212,16 +234,10 @@ impl Model {
                 let view = value
                     .try_extract_array::<f32>()
                     .map_err(|e| RuntimeError::Inference(format!("output {name:?}: {e}")))?;
-                let shape = view.shape().to_vec();
-                let view = view.into_dimensionality::<Ix2>().map_err(|_| {
-                    RuntimeError::Inference(format!(
-                        "output {name:?} has shape {shape:?}, expected [N, D]"
-                    ))
-                })?;
-                if view.nrows() != n {
+                if view.shape().first() != Some(&n) {
                     return Err(RuntimeError::Inference(format!(
-                        "output {name:?} has {} rows for a batch of {n}",
-                        view.nrows()
+                        "output {name:?} has shape {:?} for a batch of {n}",
+                        view.shape()
                     )));
                 }
                 Ok(view.to_owned())

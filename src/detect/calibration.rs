@@ -2,24 +2,11 @@
 //! distances, p-values, verdict scores and thresholds.
 
 use csg_bundle::BundleMeta;
-use csg_bundle::calibration::{CALIBRATION_VERSION, Calibration, StageMetric, StageStats};
+use csg_bundle::calibration::{CALIBRATION_VERSION, Calibration, StageMetric};
 
 use super::scores;
 use super::{Component, DetectError, ScoreKind};
-
-/// ln Mahalanobis distance of `acts` to class `class`'s clean mean at one stage.
-pub fn stage_score(stats: &StageStats, acts: &[f32], class: usize) -> f64 {
-    let Some(mean) = stats.means.get(class) else {
-        return f64::INFINITY;
-    };
-    match &stats.metric {
-        StageMetric::Full { precision } => scores::log_mahalanobis(acts, mean, precision, None),
-        StageMetric::Gated { classes } => match classes.get(class) {
-            Some(g) => scores::log_mahalanobis(acts, mean, &g.precision, Some(&g.filters)),
-            None => f64::INFINITY,
-        },
-    }
-}
+pub use csg_bundle::score::stage_score;
 
 /// Checks the section against the model it is stored in.
 pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError> {

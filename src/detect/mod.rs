@@ -240,23 +240,55 @@ impl Detector {
         let (Some(gate), Some(acts)) = (&self.gate, sample.stages.last()) else {
             return Vec::new();
         };
-        let gated_stats = self.calibration.as_ref().and_then(|c| c.stages.last());
-        let mut filters: Vec<FilterDeviation> = (0..gate.filters.min(acts.len()))
-            .filter(|&k| gate.get(k, class) >= GATED)
-            .map(|k| {
-                let (mean, std) =
-                    gated_stats.map_or((0.0, 1.0), |s| (s.means[class][k], s.std[k].max(1e-6)));
-                FilterDeviation {
-                    filter: k,
-                    gate: gate.get(k, class),
-                    activation: acts[k],
-                    clean_mean: mean,
-                    z: (acts[k] - mean) / std,
-                }
-            })
-            .collect();
-        filters.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()));
+        let mut filters = gated_deviations(gate, acts, self.gated_stats(), class);
         filters.truncate(TOP_FILTERS);
         filters
     }
+
+    /// The learned gate, or the calibration's empirical one for a standard model.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
+    }
+
+    /// Clean statistics of the gated (last) stage, when calibrated.
+    pub fn gated_stats(&self) -> Option<&StageStats> {
+        self.calibration.as_ref().and_then(|c| c.stages.last())
+    }
+
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+}
+
+/// Clean mean and std of filter `k` for images of `class`; without statistics (an
+/// uncalibrated model), mean 0 and std 1, so z is the raw activation.
+pub fn clean_stats(stats: Option<&StageStats>, class: usize, k: usize) -> (f32, f32) {
+    stats
+        .and_then(|s| Some((*s.means.get(class)?.get(k)?, s.std.get(k)?.max(1e-6))))
+        .unwrap_or((0.0, 1.0))
+}
+
+/// Every gated filter of `class` (G ≥ 0.5) with its deviation from the class's clean mean,
+/// largest |z| first.
+pub fn gated_deviations(
+    gate: &Gate,
+    acts: &[f32],
+    stats: Option<&StageStats>,
+    class: usize,
+) -> Vec<FilterDeviation> {
+    let mut filters: Vec<FilterDeviation> = (0..gate.filters.min(acts.len()))
+        .filter(|&k| gate.get(k, class) >= GATED)
+        .map(|k| {
+            let (mean, std) = clean_stats(stats, class, k);
+            FilterDeviation {
+                filter: k,
+                gate: gate.get(k, class),
+                activation: acts[k],
+                clean_mean: mean,
+                z: (acts[k] - mean) / std,
+            }
+        })
+        .collect();
+    filters.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()));
+    filters
 }

@@ -38,6 +38,23 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// FPRs at which TPR is reported (thresholds from the clean validation tables).
     pub fprs: Vec<f64>,
+    /// Where to write every image's components (`LABEL-components.json`), for analysis.
+    pub dump_dir: Option<PathBuf>,
+}
+
+/// Every component of one image: predicted class and, by name, (raw score, p-value).
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageComponents {
+    pub class: usize,
+    pub components: BTreeMap<String, (f64, Option<f64>)>,
+}
+
+/// The per-image dump of one model's evaluation.
+#[derive(Debug, Default, Serialize)]
+struct ComponentDump {
+    clean_labels: Vec<usize>,
+    clean: Vec<ImageComponents>,
+    attacks: BTreeMap<String, Vec<ImageComponents>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,13 +136,20 @@ pub struct ModelResult {
 /// Every verdict score by score name, one value per image.
 type ScoreLists = BTreeMap<&'static str, Vec<f64>>;
 
+/// What [`score_images`] returns for a set of images.
+struct Scored {
+    predicted: Vec<usize>,
+    scores: ScoreLists,
+    images: Vec<ImageComponents>,
+}
+
 /// Predicted classes and every verdict score of every image in `tensor`.
 fn score_images(
     model: &mut Model,
     detector: &Detector,
     tensor: &Array4<f32>,
     batch_size: usize,
-) -> Result<(Vec<usize>, ScoreLists), EvalError> {
+) -> Result<Scored, EvalError> {
     let Some(cal) = detector.calibration() else {
         return Err(EvalError::Uncalibrated(model.path().to_owned()));
     };
@@ -135,6 +159,7 @@ fn score_images(
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut predicted = Vec::new();
     let mut scores = ScoreLists::new();
+    let mut images = Vec::new();
     let n = tensor.shape()[0];
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
@@ -154,9 +179,21 @@ fn score_images(
                 let score = calibration::verdict_score(cal, kind, &verdict.components);
                 scores.entry(kind.name()).or_default().push(score);
             }
+            images.push(ImageComponents {
+                class: verdict.class_id,
+                components: verdict
+                    .components
+                    .into_iter()
+                    .map(|c| (c.name, (c.score, c.p_value)))
+                    .collect(),
+            });
         }
     }
-    Ok((predicted, scores))
+    Ok(Scored {
+        predicted,
+        scores,
+        images,
+    })
 }
 
 /// The clean validation scores behind each verdict score's threshold.
@@ -226,8 +263,16 @@ pub fn evaluate_model(
     let n = options.clean_images.min(test.len());
     let test = test.select(&(0..n).collect::<Vec<_>>());
     let clean = calibrate::fashion_tensor(&test, &meta.input);
-    let (predicted, clean_scores) =
-        score_images(model, &detector, &clean.tensor, options.batch_size)?;
+    let Scored {
+        predicted,
+        scores: clean_scores,
+        images: clean_images,
+    } = score_images(model, &detector, &clean.tensor, options.batch_size)?;
+    let mut dump = ComponentDump {
+        clean_labels: clean.labels.clone(),
+        clean: clean_images,
+        ..ComponentDump::default()
+    };
     let correct = predicted
         .iter()
         .zip(&clean.labels)
@@ -260,7 +305,12 @@ pub fn evaluate_model(
         let name = dir.file_name().map_or(manifest.attack.clone(), |n| {
             n.to_string_lossy().into_owned()
         });
-        let (_, adv_scores) = score_images(model, &detector, &tensor, options.batch_size)?;
+        let Scored {
+            scores: adv_scores,
+            images,
+            ..
+        } = score_images(model, &detector, &tensor, options.batch_size)?;
+        dump.attacks.insert(name.clone(), images);
         let scores = ScoreKind::ALL
             .iter()
             .map(|&kind| {
@@ -296,6 +346,17 @@ pub fn evaluate_model(
         });
     }
     curves.clean = clean_scores[ScoreKind::Combined.name()].clone();
+    if let Some(dir) = &options.dump_dir {
+        let path = dir.join(format!("{}-components.json", spec.label));
+        let text = serde_json::to_string(&dump).map_err(|e| EvalError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(|e| EvalError::File {
+            path,
+            message: e.to_string(),
+        })?;
+    }
 
     let mut worst_auroc = BTreeMap::new();
     for kind in ScoreKind::ALL {

@@ -50,7 +50,7 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "not_found",
             format!(
-                "no route {path:?}; see GET /v1/models, POST /v1/detect, POST /v1/models/{{name}}/detect"
+                "no route {path:?}; see GET /v1/models, POST /v1/detect, POST /v1/models/{{name}}/detect, POST /v1/models/{{name}}/explain, POST /v2/models/{{name}}/infer"
             ),
         )
     }

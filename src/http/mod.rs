@@ -1,12 +1,15 @@
 //! The HTTP API: router, shared state, and the small endpoints (models, health, metrics).
-//! Detection itself is in [`v1`] and, in the Open Inference Protocol, [`v2`]; both go through
-//! [`detection`]. Errors are in [`error`].
+//! Detection itself is in [`v1`] and, in the Open Inference Protocol, [`v2`]; explanations are
+//! in [`explain`]. All of them (and the sidecar proxy) read request bodies with `input` and
+//! go through `detection` (model, admission, queue, verdict metrics). Errors are in [`error`].
 //!
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
 
 pub(crate) mod detection;
 pub mod error;
+pub mod explain;
+pub(crate) mod input;
 pub mod v1;
 pub mod v2;
 
@@ -78,6 +81,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(model_info))
         .route("/v1/models/{name}/detect", post(v1::detect_named))
+        .route("/v1/explain", post(explain::explain_default))
+        .route("/v1/models/{name}/explain", post(explain::explain_named))
         .merge(v2::routes())
         .merge(ops_routes())
         .fallback(not_found)
@@ -217,6 +222,10 @@ fn describe(model: &ServedModel) -> Value {
         "calibrated": detector.is_calibrated(),
         "score": detector.score_name(),
         "calibration": calibration,
+        "explain": match &model.explain {
+            Ok(_) => json!({ "available": true }),
+            Err(why) => json!({ "available": false, "reason": why }),
+        },
     })
 }
 
@@ -268,6 +277,8 @@ mod tests {
             ("GET", "/v1/models/fashion-csg"),
             ("POST", "/v1/detect"),
             ("POST", "/v1/models/fashion-csg/detect"),
+            ("POST", "/v1/explain"),
+            ("POST", "/v1/models/fashion-csg/explain"),
         ] {
             let (status, body) = call(&app, method, path).await;
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{method} {path}");

@@ -6,11 +6,10 @@
 //! extension; base64 strings in JSON, which cannot hold raw bytes). It answers four outputs:
 //! `logits` (FP32 `[N, classes]`), `predicted_class` (INT64), `score` (FP64, the verdict score)
 //! and `is_adversarial` (BOOL; absent for an uncalibrated model, which cannot judge). Inference
-//! goes through the same queue, limits and metrics as `/v1` (see [`super::detection`]).
+//! goes through the same queue, limits and metrics as `/v1` (see [`super::detection`]; bodies are read with [`super::input`]).
 //! Errors use the protocol's `{"error": "..."}` body; shape and datatype mistakes are 400.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
@@ -21,7 +20,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::error::ErrorKind;
-use super::{ApiError, AppState, ModelLabel, detection};
+use super::{ApiError, AppState, detection, input};
 use crate::oip::{self, Input, Output, OutputData, TensorData};
 use crate::preprocess::{self, Format};
 use crate::registry::ServedModel;
@@ -118,13 +117,6 @@ fn find_model(state: &AppState, path: ModelPath) -> Result<Arc<ServedModel>, Api
     Ok(Arc::clone(model))
 }
 
-fn labelled(mut response: Response, model: &ServedModel) -> Response {
-    response
-        .extensions_mut()
-        .insert(ModelLabel(model.name.clone()));
-    response
-}
-
 async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "csgd",
@@ -147,7 +139,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn model_ready(State(state): State<Arc<AppState>>, path: ModelPath) -> Response {
     match find_model(&state, path) {
-        Ok(model) => labelled(
+        Ok(model) => detection::labelled(
             Json(json!({ "name": model.name, "ready": true })).into_response(),
             &model,
         ),
@@ -188,7 +180,7 @@ async fn model_metadata(State(state): State<Arc<AppState>>, path: ModelPath) -> 
             "input": spec,
         },
     });
-    labelled(Json(body).into_response(), &model)
+    detection::labelled(Json(body).into_response(), &model)
 }
 
 async fn infer(State(state): State<Arc<AppState>>, path: ModelPath, req: Request) -> Response {
@@ -196,14 +188,8 @@ async fn infer(State(state): State<Arc<AppState>>, path: ModelPath, req: Request
         Ok(m) => m,
         Err(e) => return V2Error(e).into_response(),
     };
-    let timeout_ms = state.settings.server.request_timeout_ms;
     let run = handle_infer(&state, &model, req);
-    let response = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => V2Error(e).into_response(),
-        Err(_) => V2Error(ApiError::timeout(timeout_ms)).into_response(),
-    };
-    labelled(response, &model)
+    detection::timed(&state, &model, run, |e| V2Error(e).into_response()).await
 }
 
 async fn handle_infer(
@@ -214,8 +200,8 @@ async fn handle_infer(
     let server = &state.settings.server;
     let _admitted = detection::admit(state)?;
     let (parts, body) = req.into_parts();
-    let declared = detection::declared_length(&parts);
-    let bytes = detection::read_body(body, server.body_limit_bytes, declared).await?;
+    let declared = input::declared_length(&parts);
+    let bytes = input::read_body(body, server.body_limit_bytes, declared).await?;
     let json_len = oip::header_length(
         parts
             .headers
@@ -226,7 +212,7 @@ async fn handle_infer(
     .map_err(|e| bad("malformed", e.0))?;
     let spec = model.meta.input.clone();
     let (max_pixels, max_images) = (server.max_pixels, server.max_images_per_request);
-    let (request, tensors) = detection::blocking(move || {
+    let (request, tensors) = input::blocking(move || {
         let request = oip::parse_request(&bytes, json_len).map_err(|e| bad("malformed", e.0))?;
         let input = request.input("").map_err(|e| bad("malformed", e.0))?;
         let tensors = input_tensors(input, &spec, max_pixels, max_images)?;
@@ -348,7 +334,7 @@ pub(crate) fn input_tensors(
                 }
             };
             if n > max_images {
-                return Err(detection::too_many_images(n, max_images));
+                return Err(input::too_many_images(n, max_images));
             }
             if let Some(x) = values.iter().find(|x| !x.is_finite()) {
                 return Err(bad(
@@ -371,7 +357,7 @@ pub(crate) fn input_tensors(
                 }
             }
             if items.len() > max_images {
-                return Err(detection::too_many_images(items.len(), max_images));
+                return Err(input::too_many_images(items.len(), max_images));
             }
             let n = items.len();
             items
@@ -398,5 +384,5 @@ fn encoded_image(item: &[u8]) -> Result<Vec<u8>, ApiError> {
             "a BYTES element is neither a PNG/JPEG image nor base64 text",
         )
     })?;
-    Ok(detection::decode_base64_text(text)?.0.to_vec())
+    Ok(input::decode_base64_text(text)?.0.to_vec())
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::config::ImageSource;
 use crate::http::ApiError;
-use crate::http::detection;
+use crate::http::input;
 use crate::http::v2::input_tensors;
 use crate::oip;
 
@@ -42,29 +42,26 @@ pub async fn tensors(
                     "empty request body: this route expects an image",
                 ));
             }
-            detection::blocking(move || {
-                detection::preprocess_images(&[(bytes, content_type)], &spec, limits.max_pixels)
+            input::blocking(move || {
+                input::preprocess_images(&[(bytes, content_type)], &spec, limits.max_pixels)
             })
             .await
         }
         ImageSource::Multipart => {
             let wanted = (!field.is_empty()).then_some(field.as_str());
             let images =
-                detection::multipart_images(parts.clone(), bytes, limits.max_images, wanted)
-                    .await?;
+                input::multipart_images(parts.clone(), bytes, limits.max_images, wanted).await?;
             if images.is_empty() {
                 return Err(ApiError::malformed(match wanted {
                     Some(f) => format!("the multipart body has no part named {f:?}"),
                     None => "the multipart body has no parts".to_owned(),
                 }));
             }
-            detection::blocking(move || {
-                detection::preprocess_images(&images, &spec, limits.max_pixels)
-            })
-            .await
+            input::blocking(move || input::preprocess_images(&images, &spec, limits.max_pixels))
+                .await
         }
         ImageSource::Json => {
-            detection::blocking(move || json_images(&bytes, &field, &spec, limits)).await
+            input::blocking(move || json_images(&bytes, &field, &spec, limits)).await
         }
         ImageSource::V2 => {
             let json_len = oip::header_length(
@@ -72,7 +69,7 @@ pub async fn tensors(
                 bytes.len(),
             )
             .map_err(|e| ApiError::malformed(e.0))?;
-            detection::blocking(move || {
+            input::blocking(move || {
                 let request =
                     oip::parse_request(&bytes, json_len).map_err(|e| ApiError::malformed(e.0))?;
                 let input = request
@@ -101,16 +98,12 @@ fn json_images(
         Value::Array(items) => items.iter().collect(),
         one => vec![one],
     };
-    if items.len() > limits.max_images {
-        return Err(detection::too_many_images(items.len(), limits.max_images));
-    }
-    let n = items.len();
-    let images = items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| detection::decode_base64_image(item).map_err(|e| e.for_image(i, n)))
-        .collect::<Result<Vec<_>, _>>()?;
-    detection::preprocess_images(&images, spec, limits.max_pixels)
+    input::preprocess_base64(
+        items.into_iter(),
+        spec,
+        limits.max_pixels,
+        limits.max_images,
+    )
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //!
 //! The pieces: [`route`] (which requests are guarded), [`extract`] (where the image sits),
 //! [`policy`] (what to do with the verdict), [`forward`] (the pooled upstream client and the
-//! header rules of a proxy). Judging reuses the API's detection path, so guarded requests share
-//! its concurrency limit, batching queue, request timeout and metrics.
+//! header rules of a proxy). Judging reuses the API's body reading (`crate::http::input`) and
+//! detection path (`crate::http::detection`), so guarded requests share its concurrency
+//! limit, body limit, batching queue, request timeout and metrics.
 
 pub mod extract;
 pub mod forward;
@@ -25,7 +26,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::config::{ConfigError, Policy};
-use crate::http::{ApiError, AppState, detection};
+use crate::http::{ApiError, AppState, detection, input};
 use forward::Upstream;
 use policy::{Decision, Judgement};
 use route::Route;
@@ -110,7 +111,7 @@ async fn guard(
     let label = route.pattern.as_str();
     let m = &proxy.app.metrics.proxy;
     let limit = proxy.app.settings.server.body_limit_bytes;
-    let bytes = match detection::read_body(body, limit, detection::declared_length(&parts)).await {
+    let bytes = match input::read_body(body, limit, input::declared_length(&parts)).await {
         Ok(b) => b,
         Err(e) => {
             // A body csgd cannot read whole is never forwarded half-checked.

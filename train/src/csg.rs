@@ -66,7 +66,7 @@ pub fn project_rows(values: &mut [f32], classes: usize) {
 }
 
 /// When the gated (CSG) path trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Schedule {
     /// The official per-epoch schedule: standard epochs during `warmup`, then whole epochs of
@@ -78,6 +78,10 @@ pub enum Schedule {
     },
     /// A gated step after every `every`-th standard step, from the first epoch.
     Interleave { every: usize },
+    /// The paper's loss in every step: `CE(logits) + λ1·CE(logits_G) + hinge`, both paths
+    /// from one forward pass of the backbone (they share it up to the gate), so a gated step
+    /// costs almost nothing extra.
+    Joint { weight: f64 },
 }
 
 /// What one step of training does.
@@ -87,6 +91,8 @@ pub enum StepKind {
     /// A standard step followed by a gated step on the same batch.
     StandardThenGated,
     Gated,
+    /// One step on the joint loss (see [`Schedule::Joint`]).
+    Joint,
 }
 
 impl Schedule {
@@ -117,6 +123,7 @@ impl Schedule {
                     StepKind::Standard
                 }
             }
+            Schedule::Joint { .. } => StepKind::Joint,
         }
     }
 }
@@ -169,5 +176,8 @@ mod tests {
         let inter = Schedule::Interleave { every: 2 };
         assert_eq!(inter.step_kind(0, 0), StepKind::Standard);
         assert_eq!(inter.step_kind(0, 1), StepKind::StandardThenGated);
+        let joint = Schedule::Joint { weight: 1.0 };
+        assert_eq!(joint.step_kind(0, 0), StepKind::Joint);
+        assert_eq!(joint.step_kind(7, 3), StepKind::Joint);
     }
 }

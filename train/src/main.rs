@@ -47,6 +47,9 @@ enum ScheduleKind {
     Interleave,
     /// The official code's: warm-up epochs, then gated epochs when epoch % 3 == 2.
     Official,
+    /// The paper's joint loss CE + λ1·CE_gated + hinge in every step, one backbone pass
+    /// (--gated-weight is λ1).
+    Joint,
 }
 
 #[derive(clap::Args)]
@@ -92,6 +95,9 @@ struct TrainArgs {
     lambda: f64,
     #[arg(long, value_enum, default_value = "interleave")]
     schedule: ScheduleKind,
+    /// Weight λ1 of the gated path's loss in the joint schedule.
+    #[arg(long, default_value_t = 1.0)]
+    gated_weight: f64,
     #[arg(long, default_value_t = 2)]
     interleave_every: usize,
     /// Warm-up epochs of the official schedule.
@@ -166,6 +172,9 @@ fn run_train(args: TrainArgs) -> Result<()> {
     let schedule = match args.schedule {
         ScheduleKind::Interleave => Schedule::Interleave {
             every: args.interleave_every.max(1),
+        },
+        ScheduleKind::Joint => Schedule::Joint {
+            weight: args.gated_weight,
         },
         ScheduleKind::Official => Schedule::Epoch {
             warmup: args.warmup,

@@ -102,6 +102,18 @@ pub fn gate_of(model: &Network) -> Option<Gate> {
     })
 }
 
+fn count_correct(logits: &Tensor<2>, labels: &Tensor<1, Int>) -> usize {
+    let [n, _] = logits.dims();
+    logits
+        .clone()
+        .argmax(1)
+        .reshape([n])
+        .equal(labels.clone())
+        .int()
+        .sum()
+        .into_scalar::<i64>() as usize
+}
+
 fn learning_rate(peak: f64, cosine: bool, step: usize, total: usize) -> f64 {
     if !cosine || total == 0 {
         return peak;
@@ -177,14 +189,40 @@ pub fn train(
             );
             let y = label_tensor(train, indices, device);
 
-            if kind != StepKind::Gated {
+            if kind == StepKind::Joint {
+                let weight = match config.schedule {
+                    Schedule::Joint { weight } => weight,
+                    _ => 1.0,
+                };
                 let out = model.forward(x.clone());
-                let predictions = out.logits.clone().argmax(1).reshape([indices.len()]);
-                correct += predictions
-                    .equal(y.clone())
-                    .int()
-                    .sum()
-                    .into_scalar::<i64>() as usize;
+                correct += count_correct(&out.logits, &y);
+                seen += indices.len();
+                let activations = out
+                    .stage_activations
+                    .last()
+                    .cloned()
+                    .expect("at least one stage");
+                let gated_logits = model
+                    .gated_logits(activations, y.clone())
+                    .expect("gated runs have a gate");
+                let mask = &model.lmask.as_ref().expect("gated").mask;
+                let mask_id = mask.id;
+                let standard = loss_fn.forward(out.logits, y.clone());
+                let gated = loss_fn.forward(gated_logits, y.clone());
+                let hinge = csg::hinge(mask.val(), config.gate);
+                std_loss += f64::from(standard.clone().into_scalar::<f32>());
+                std_n += 1;
+                gated_loss += f64::from(gated.clone().into_scalar::<f32>());
+                gated_n += 1;
+                let mut grads = (standard + gated.mul_scalar(weight) + hinge).backward();
+                let mask_grads = GradientsParams::from_params(&mut grads, &model, &[mask_id]);
+                let weight_grads = GradientsParams::from_module(&mut grads, &model);
+                model = standard_optim.step(lr, model, weight_grads);
+                model = mask_optim.step(mask_lr, model, mask_grads);
+                model = project_gate(model);
+            } else if kind != StepKind::Gated {
+                let out = model.forward(x.clone());
+                correct += count_correct(&out.logits, &y);
                 seen += indices.len();
                 let loss = loss_fn.forward(out.logits, y.clone());
                 std_loss += f64::from(loss.clone().into_scalar::<f32>());
@@ -192,7 +230,7 @@ pub fn train(
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = standard_optim.step(lr, model, grads);
             }
-            if kind != StepKind::Standard {
+            if matches!(kind, StepKind::Gated | StepKind::StandardThenGated) {
                 let out = model.forward(x);
                 let activations = out
                     .stage_activations

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod meta;
 pub mod onnx;
+pub mod score;
 
 pub use arch::{Architecture, Backbone, BlockKind, CnnStage, GATE_TENSOR, Stem};
 pub use meta::{

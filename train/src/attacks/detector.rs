@@ -1,4 +1,5 @@
-//! The detector as the adaptive attack sees it (mirrors src/detect of the daemon).
+//! The detector as the adaptive attack sees it: the daemon's combined score, computed with
+//! the shared score functions ([`csg_bundle::score`]), and a differentiable stand-in.
 //!
 //! The daemon flags an image when its combined score S = max_k −ln p_k exceeds the
 //! calibrated threshold T of its predicted class ĉ, where p_k is the empirical p-value of
@@ -12,7 +13,8 @@
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{softmax, softplus};
-use csg_bundle::calibration::{Calibration, StageMetric};
+use csg_bundle::calibration::{Calibration, StageMetric, StageStats};
+use csg_bundle::score;
 use serde::{Deserialize, Serialize};
 
 use super::{AttackError, argmax, index_tensor, rows};
@@ -24,9 +26,7 @@ enum Kind {
     /// `padded` holds per class a d×d precision, zero outside the class's filters at a gated
     /// stage, so that one batched matmul serves every class in the surrogate.
     Stage {
-        stage: usize,
-        means: Vec<Vec<f32>>,
-        metric: StageMetric,
+        stats: StageStats,
         padded: Vec<f32>,
     },
     Margin,
@@ -70,27 +70,6 @@ pub fn cutoff(table: &[f64], threshold: f64) -> f64 {
     } else {
         table[n - needed as usize]
     }
-}
-
-/// Mirrors the daemon's p-value (src/detect/scores.rs).
-fn p_value(table: &[f64], score: f64) -> f64 {
-    let below = table.partition_point(|&c| c < score);
-    (1 + table.len() - below) as f64 / (table.len() + 1) as f64
-}
-
-/// Mirrors the daemon's log Mahalanobis distance (src/detect/scores.rs).
-fn log_mahalanobis(x: &[f32], mean: &[f32], precision: &[f32], idx: Option<&[usize]>) -> f64 {
-    let diff: Vec<f64> = match idx {
-        Some(idx) => idx.iter().map(|&i| f64::from(x[i] - mean[i])).collect(),
-        None => x.iter().zip(mean).map(|(a, m)| f64::from(a - m)).collect(),
-    };
-    let d = diff.len();
-    let mut quad = 0.0;
-    for (i, row) in precision.chunks_exact(d.max(1)).enumerate() {
-        let dot: f64 = row.iter().zip(&diff).map(|(&p, &v)| f64::from(p) * v).sum();
-        quad += diff[i] * dot;
-    }
-    0.5 * (quad.max(0.0) + 1e-12).ln()
 }
 
 impl DetectorSurrogate {
@@ -158,9 +137,7 @@ impl DetectorSurrogate {
                         }
                     }
                     Kind::Stage {
-                        stage: s.stage,
-                        means: s.means.clone(),
-                        metric: s.metric.clone(),
+                        stats: s.clone(),
                         padded,
                     }
                 }
@@ -198,44 +175,23 @@ impl DetectorSurrogate {
     /// The exact detector on one image's logits and per-stage GAP activations.
     pub fn judge(&self, logits: &[f32], stages: &[&[f32]]) -> Judgement {
         let class = argmax(logits);
-        let mut score = 0.0f64;
+        let mut combined = 0.0f64;
         for comp in &self.components {
-            let s = match &comp.kind {
-                Kind::Margin => {
-                    let mut sorted = logits.to_vec();
-                    sorted.sort_by(|a, b| b.total_cmp(a));
-                    let gap = f64::from(sorted[0] - sorted.get(1).copied().unwrap_or(f32::MIN));
-                    -(gap.max(0.0) + 1e-12).ln()
-                }
-                Kind::Msp => {
-                    let max = logits[class];
-                    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-                    1.0 - f64::from(1.0 / sum)
-                }
-                Kind::Stage {
-                    stage,
-                    means,
-                    metric,
-                    ..
-                } => match (stages.get(*stage), metric) {
-                    (Some(a), StageMetric::Full { precision }) => {
-                        log_mahalanobis(a, &means[class], precision, None)
-                    }
-                    (Some(a), StageMetric::Gated { classes }) => {
-                        let g = &classes[class];
-                        log_mahalanobis(a, &means[class], &g.precision, Some(&g.filters))
-                    }
-                    (None, _) => f64::INFINITY,
-                },
+            let raw = match &comp.kind {
+                Kind::Margin => score::margin_score(logits),
+                Kind::Msp => score::msp_score(logits),
+                Kind::Stage { stats, .. } => stages
+                    .get(stats.stage)
+                    .map_or(f64::INFINITY, |acts| score::stage_score(stats, acts, class)),
             };
-            score = score.max(-p_value(&comp.table, s).ln());
+            combined = combined.max(-score::p_value(&comp.table, raw).ln());
         }
         let threshold = self.thresholds[class.min(self.classes - 1)];
         Judgement {
             class,
-            score,
+            score: combined,
             threshold,
-            flagged: score > threshold,
+            flagged: combined > threshold,
         }
     }
 
@@ -274,15 +230,11 @@ impl DetectorSurrogate {
                 }
             }
             let score = match &comp.kind {
-                Kind::Stage {
-                    stage,
-                    means,
-                    padded,
-                    ..
-                } => {
-                    let Some(acts) = out.stage_activations.get(*stage) else {
+                Kind::Stage { stats, padded } => {
+                    let Some(acts) = out.stage_activations.get(stats.stage) else {
                         continue;
                     };
+                    let means = &stats.means;
                     let d = means.first().map_or(0, Vec::len);
                     let flat: Vec<f32> = means.iter().flatten().copied().collect();
                     let mu =
@@ -343,23 +295,12 @@ mod tests {
         let t = -(3.0f64 / 5.0).ln();
         let q = cutoff(&table, t);
         assert_eq!(q, 3.0);
-        assert!(-p_value(&table, q).ln() <= t);
-        assert!(-p_value(&table, q + 1e-9).ln() > t);
+        assert!(-score::p_value(&table, q).ln() <= t);
+        assert!(-score::p_value(&table, q + 1e-9).ln() > t);
         // Threshold 0 needs p = 1: only scores at or below the smallest clean one.
         assert_eq!(cutoff(&table, 0.0), 1.0);
         // The smallest p-value, 1/5, is still allowed: everything passes.
         assert_eq!(cutoff(&table, -(1.0f64 / 5.0).ln()), f64::INFINITY);
         assert_eq!(cutoff(&table, -1.0), f64::NEG_INFINITY);
-    }
-
-    #[test]
-    fn mahalanobis_mirror_matches_hand_computation() {
-        let d = log_mahalanobis(
-            &[4.0, 2.0, 9.0],
-            &[1.0, 1.0, 0.0],
-            &[1.0, 0.0, 0.0, 4.0],
-            Some(&[0, 1]),
-        );
-        assert!((d - 0.5 * 13.0f64.ln()).abs() < 1e-9);
     }
 }

@@ -1,0 +1,163 @@
+//! Score functions shared by the daemon's detector and the trainer's adaptive attack: pure,
+//! each a number that is larger for more suspicious inputs. One definition, so the attack
+//! optimises against exactly what the daemon computes.
+//!
+//! REFERENCE §3 measured them: the gate-mismatch share is weak (kept for comparison), the
+//! class-conditional Mahalanobis distance on the predicted class's gated filters exposes
+//! FGSM/PGD, and the logit margin exposes minimal-perturbation attacks (CW, DeepFool).
+
+use crate::calibration::{StageMetric, StageStats};
+
+/// Index of the largest logit (first on ties) and its softmax probability.
+pub fn top_class(logits: &[f32]) -> (usize, f32) {
+    let (best, max) =
+        logits
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, v)| if v > b.1 { (i, v) } else { b },
+            );
+    let sum: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+    (best, 1.0 / sum)
+}
+
+/// −ln(top-1 logit − top-2 logit): large when the input sits near a decision boundary.
+/// Softmax saturates there; the raw margin does not (REFERENCE §3).
+pub fn margin_score(logits: &[f32]) -> f64 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in logits {
+        if v > first {
+            second = first;
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    let gap = f64::from(first - second).max(0.0);
+    -(gap + 1e-12).ln()
+}
+
+/// 1 − max softmax probability.
+pub fn msp_score(logits: &[f32]) -> f64 {
+    1.0 - f64::from(top_class(logits).1)
+}
+
+/// 1 − ρ with ρ = Σ g·a / Σ a: the share of activation outside the class's gate pattern.
+pub fn gate_mismatch(gate_column: &[f32], activations: &[f32]) -> f64 {
+    let total: f64 = activations.iter().map(|&a| f64::from(a.max(0.0))).sum();
+    if total <= 0.0 {
+        return 1.0;
+    }
+    let on_gate: f64 = gate_column
+        .iter()
+        .zip(activations)
+        .map(|(&g, &a)| f64::from(g) * f64::from(a.max(0.0)))
+        .sum();
+    1.0 - on_gate / total
+}
+
+/// ln of the Mahalanobis distance of `x` to `mean` under the row-major precision matrix,
+/// restricted to `indices` (all of them when `None`); `precision` is |indices|×|indices|.
+pub fn log_mahalanobis(
+    x: &[f32],
+    mean: &[f32],
+    precision: &[f32],
+    indices: Option<&[usize]>,
+) -> f64 {
+    let diff: Vec<f64> = match indices {
+        Some(idx) => idx.iter().map(|&i| f64::from(x[i] - mean[i])).collect(),
+        None => x.iter().zip(mean).map(|(a, m)| f64::from(a - m)).collect(),
+    };
+    let d = diff.len();
+    let mut quad = 0.0;
+    for (i, row) in precision.chunks_exact(d).enumerate() {
+        let dot: f64 = row.iter().zip(&diff).map(|(&p, &v)| f64::from(p) * v).sum();
+        quad += diff[i] * dot;
+    }
+    0.5 * (quad.max(0.0) + 1e-12).ln()
+}
+
+/// Empirical p-value of `score` against a sorted table of clean scores:
+/// (1 + #{clean ≥ score}) / (n + 1). Never 0, so −ln p is finite.
+pub fn p_value(sorted_clean: &[f64], score: f64) -> f64 {
+    let below = sorted_clean.partition_point(|&c| c < score);
+    let at_or_above = sorted_clean.len() - below;
+    (1 + at_or_above) as f64 / (sorted_clean.len() + 1) as f64
+}
+
+/// The combined score: the smallest p-value's −ln (each attack family lights up one
+/// component; Fisher's sum diluted that signal in REFERENCE §3).
+pub fn min_p_combination(p_values: &[f64]) -> f64 {
+    p_values.iter().map(|p| -p.ln()).fold(0.0, f64::max)
+}
+
+/// ln Mahalanobis distance of `acts` to class `class`'s clean mean at one stage.
+pub fn stage_score(stats: &StageStats, acts: &[f32], class: usize) -> f64 {
+    let Some(mean) = stats.means.get(class) else {
+        return f64::INFINITY;
+    };
+    match &stats.metric {
+        StageMetric::Full { precision } => log_mahalanobis(acts, mean, precision, None),
+        StageMetric::Gated { classes } => match classes.get(class) {
+            Some(g) => log_mahalanobis(acts, mean, &g.precision, Some(&g.filters)),
+            None => f64::INFINITY,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_class_and_probability() {
+        let (c, p) = top_class(&[0.0, 2.0_f32.ln(), 0.0]);
+        assert_eq!(c, 1);
+        assert!((p - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn margin_grows_as_the_top_two_logits_meet() {
+        let far = margin_score(&[5.0, 1.0, 0.0]);
+        let near = margin_score(&[5.0, 4.9, 0.0]);
+        assert!((far - -(4.0f64).ln()).abs() < 1e-9);
+        assert!(near > far);
+        assert!(margin_score(&[1.0, 1.0]).is_finite());
+    }
+
+    #[test]
+    fn msp_score_is_one_minus_the_max_probability() {
+        assert!((msp_score(&[0.0, 0.0]) - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gate_mismatch_is_the_share_off_the_gate() {
+        assert!((gate_mismatch(&[1.0, 0.0, 0.5], &[2.0, 2.0, 4.0]) - 0.5).abs() < 1e-12);
+        assert_eq!(gate_mismatch(&[1.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn mahalanobis_matches_hand_computation() {
+        // Precision diag(1, 4): distance² = 3² + 4·1² = 13.
+        let d = log_mahalanobis(
+            &[4.0, 2.0, 9.0],
+            &[1.0, 1.0, 0.0],
+            &[1.0, 0.0, 0.0, 4.0],
+            Some(&[0, 1]),
+        );
+        assert!((d - 0.5 * 13.0f64.ln()).abs() < 1e-9);
+        let full = log_mahalanobis(&[1.0, 1.0], &[0.0, 0.0], &[2.0, 1.0, 1.0, 2.0], None);
+        assert!((full - 0.5 * 6.0f64.ln()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn p_values_count_clean_scores_at_or_above() {
+        let table = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(p_value(&table, 0.0), 1.0);
+        assert_eq!(p_value(&table, 3.0), 3.0 / 5.0);
+        assert_eq!(p_value(&table, 10.0), 1.0 / 5.0);
+        assert!((min_p_combination(&[0.5, 0.01]) - -(0.01f64).ln()).abs() < 1e-12);
+    }
+}
