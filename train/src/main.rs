@@ -128,27 +128,11 @@ struct TrainArgs {
     train_subset: Option<usize>,
 }
 
-fn parse_cnn(specs: &[String]) -> Result<Vec<CnnStage>> {
-    specs
-        .iter()
-        .map(|s| {
-            let (digits, pool) = match s.strip_suffix('p') {
-                Some(d) => (d, true),
-                None => (s.as_str(), false),
-            };
-            let channels = digits
-                .parse()
-                .with_context(|| format!("--cnn stage {s:?} is not a width like 64 or 64p"))?;
-            Ok(CnnStage { channels, pool })
-        })
-        .collect()
-}
-
 fn run_train(args: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let backbone = match args.arch {
         ArchKind::Cnn => Backbone::Cnn {
-            stages: parse_cnn(&args.cnn)?,
+            stages: CnnStage::parse_list(&args.cnn.join(",")).context("--cnn")?,
         },
         ArchKind::Resnet => Backbone::ResNet {
             block: BlockKind::Basic,

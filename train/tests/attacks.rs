@@ -11,7 +11,7 @@ use burn::tensor::TensorData;
 use csg_bundle::calibration::{
     CALIBRATION_VERSION, Calibration, GATED, GatedPrecision, StageMetric, StageStats,
 };
-use csg_bundle::{Architecture, Backbone, CnnStage};
+use csg_bundle::{Architecture, CnnStage};
 use csg_train::attacks::adaptive::AdaptiveParams;
 use csg_train::attacks::detector::DetectorSurrogate;
 use csg_train::attacks::run::{self, RunSpec, TargetMode};
@@ -47,27 +47,11 @@ fn fixture() -> &'static Fixture {
         let test = Dataset::load(&dir, "t10k").expect("test split");
         let train = full.select(&(0..4000).collect::<Vec<_>>());
         let config = TrainConfig {
-            architecture: Architecture {
-                in_channels: 1,
-                classes: 10,
-                bn_eps: 1e-5,
-                backbone: Backbone::Cnn {
-                    stages: vec![
-                        CnnStage {
-                            channels: 8,
-                            pool: true,
-                        },
-                        CnnStage {
-                            channels: 16,
-                            pool: true,
-                        },
-                        CnnStage {
-                            channels: 32,
-                            pool: false,
-                        },
-                    ],
-                },
-            },
+            architecture: Architecture::cnn(
+                1,
+                10,
+                CnnStage::parse_list("8p,16p,32").expect("valid widths"),
+            ),
             gated: true,
             epochs: 4,
             batch_size: 50,

@@ -2,7 +2,7 @@
 //! falls, the gate keeps its constraints, and a checkpoint reloads to the same network.
 
 use burn::module::Module;
-use csg_bundle::{Architecture, Backbone, CnnStage};
+use csg_bundle::{Architecture, CnnStage};
 use csg_train::csg::{GateConfig, Schedule};
 use csg_train::data::{self, Augment, Dataset};
 use csg_train::trainer::{self, TrainConfig};
@@ -18,27 +18,11 @@ fn subset(n: usize) -> Dataset {
 
 fn config(gated: bool) -> TrainConfig {
     TrainConfig {
-        architecture: Architecture {
-            in_channels: 1,
-            classes: 10,
-            bn_eps: 1e-5,
-            backbone: Backbone::Cnn {
-                stages: vec![
-                    CnnStage {
-                        channels: 8,
-                        pool: true,
-                    },
-                    CnnStage {
-                        channels: 16,
-                        pool: true,
-                    },
-                    CnnStage {
-                        channels: 32,
-                        pool: false,
-                    },
-                ],
-            },
-        },
+        architecture: Architecture::cnn(
+            1,
+            10,
+            CnnStage::parse_list("8p,16p,32").expect("valid widths"),
+        ),
         gated,
         epochs: 8,
         batch_size: 50,

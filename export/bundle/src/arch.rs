@@ -54,6 +54,40 @@ pub struct CnnStage {
     pub pool: bool,
 }
 
+impl CnnStage {
+    /// Parses stage widths written as the trainer's `--cnn` takes them: `"16p,64p,128"`, a
+    /// trailing `p` pooling after the stage.
+    pub fn parse_list(spec: &str) -> Result<Vec<CnnStage>, BundleError> {
+        spec.split(',')
+            .map(|s| {
+                let s = s.trim();
+                let (digits, pool) = match s.strip_suffix('p') {
+                    Some(d) => (d, true),
+                    None => (s, false),
+                };
+                let channels = digits.parse().map_err(|_| {
+                    BundleError::Architecture(format!(
+                        "CNN stage {s:?} is not a width like 64 or 64p"
+                    ))
+                })?;
+                Ok(CnnStage { channels, pool })
+            })
+            .collect()
+    }
+}
+
+impl Architecture {
+    /// A plain CNN with batch norm (ε = 1e-5) on `in_channels` planes for `classes` classes.
+    pub fn cnn(in_channels: usize, classes: usize, stages: Vec<CnnStage>) -> Self {
+        Self {
+            in_channels,
+            classes,
+            bn_eps: 1e-5,
+            backbone: Backbone::Cnn { stages },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BlockKind {
@@ -228,29 +262,23 @@ mod tests {
 
     #[test]
     fn cnn_sizes_skip_the_pool_of_the_stage_itself() {
-        let arch = Architecture {
-            in_channels: 1,
-            classes: 10,
-            bn_eps: 1e-5,
-            backbone: Backbone::Cnn {
-                stages: vec![
-                    CnnStage {
-                        channels: 32,
-                        pool: true,
-                    },
-                    CnnStage {
-                        channels: 64,
-                        pool: true,
-                    },
-                    CnnStage {
-                        channels: 128,
-                        pool: false,
-                    },
-                ],
-            },
-        };
+        let arch = Architecture::cnn(
+            1,
+            10,
+            CnnStage::parse_list("32p,64p,128").expect("valid widths"),
+        );
         assert_eq!(arch.stage_sizes(28), vec![28, 14, 7]);
         assert_eq!(arch.summary(), "cnn-32-64-128");
+    }
+
+    #[test]
+    fn cnn_widths_parse_and_bad_ones_are_named() {
+        let stages = CnnStage::parse_list("16p, 64p,128").expect("valid");
+        assert_eq!(stages.len(), 3);
+        assert!(stages[0].pool && stages[1].pool && !stages[2].pool);
+        assert_eq!(stages[2].channels, 128);
+        let err = CnnStage::parse_list("16p,x64").unwrap_err().to_string();
+        assert!(err.contains("\"x64\""), "{err}");
     }
 
     #[test]
