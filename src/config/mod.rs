@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::ScoreKind;
 
+mod threads;
+pub use threads::{ThreadsConfig, cores};
+
 /// The documented defaults, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -54,6 +57,7 @@ pub struct Settings {
     pub models: ModelsConfig,
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
+    pub threads: ThreadsConfig,
     pub logging: LoggingConfig,
 }
 
@@ -215,8 +219,7 @@ impl RuntimeConfig {
         if self.intra_op_threads > 0 {
             return self.intra_op_threads;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.sessions_per_model.max(1)).max(1)
+        (cores() / self.sessions_per_model.max(1)).max(1)
     }
 
     /// Checks this section; shared with `csgd calibrate`, which has no other sections.
@@ -460,6 +463,7 @@ impl Settings {
         }
         self.validate_models()?;
         self.runtime.validate()?;
+        self.threads.validate()?;
         if !valid_log_filter(&self.logging.level) {
             return Err(invalid(
                 "logging.level",
