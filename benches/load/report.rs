@@ -23,10 +23,15 @@ pub fn markdown(results: &[Value]) -> String {
     );
     for r in results {
         s += &format!(
-            "| {} | {:.1} ({}) | {:.1} | **{}** | {:.1} | {} | {:.1} | **{}** |\n",
+            "| {} | {:.1} ({}{}) | {:.1} | **{}** | {:.1} | {} | {:.1} | **{}** |\n",
             r["label"].as_str().unwrap_or("?"),
             num(r, &["limit", "ips"]),
             r["limit"]["best_batch"],
+            if r["limit"]["spinning"] == Value::Bool(true) {
+                ", spin"
+            } else {
+                ""
+            },
             num(r, &["csgd_batched_ips"]),
             pct(num(r, &["ratios", "batched_vs_limit"])),
             num(r, &["csgd_unbatched_ips"]),

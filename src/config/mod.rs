@@ -182,6 +182,9 @@ pub struct RuntimeConfig {
     pub trt_engine_cache: String,
     /// 0: cores / sessions_per_model.
     pub intra_op_threads: usize,
+    /// Whether idle intra-op threads busy-wait for work (ONNX Runtime's default); off by
+    /// default: spinning took a fifth of the CPU from decoding and HTTP under load (README).
+    pub intra_op_spinning: bool,
     pub sessions_per_model: usize,
 }
 
@@ -196,6 +199,7 @@ impl Default for RuntimeConfig {
             trt_fp16: false,
             trt_engine_cache: String::new(),
             intra_op_threads: 0,
+            intra_op_spinning: false,
             sessions_per_model: 1,
         }
     }
