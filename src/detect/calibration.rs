@@ -5,8 +5,8 @@ use csg_bundle::BundleMeta;
 use csg_bundle::calibration::{CALIBRATION_VERSION, Calibration, StageMetric};
 
 use super::scores;
-pub use csg_bundle::score::stage_score;
 use super::{Component, DetectError, ScoreKind};
+pub use csg_bundle::score::stage_score;
 
 /// Checks the section against the model it is stored in.
 pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError> {
