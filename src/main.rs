@@ -316,7 +316,18 @@ fn serve(args: &ServeArgs) -> Result<()> {
         return Ok(());
     }
     init_logging(&settings.logging)?;
+    tracing::info!(
+        cores = config::cores(),
+        io_workers = settings.threads.io_workers(),
+        preprocess_threads = settings.threads.preprocess_threads(),
+        intra_op_threads = settings.runtime.intra_threads(),
+        sessions_per_model = settings.runtime.sessions_per_model,
+        "thread budget"
+    );
+    let threads = &settings.threads;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.io_workers())
+        .max_blocking_threads(threads.preprocess_threads())
         .enable_all()
         .thread_name("csgd-io")
         .build()

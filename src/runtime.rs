@@ -377,6 +377,10 @@ fn create_session(
                     .map_err(Into::into)
             })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|b| {
+                b.with_intra_op_spinning(cfg.intra_op_spinning)
+                    .map_err(Into::into)
+            })
             .map_err(|e: ort::Error| session_err(e.to_string()))?;
         let mut registered: Vec<Provider> = Vec::new();
         let mut failed = None;

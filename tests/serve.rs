@@ -249,3 +249,46 @@ fn concurrent_callers_get_their_own_answers() {
     );
     assert!(max_batch > 1, "no request was batched with another");
 }
+
+#[test]
+fn classify_answers_the_detect_class_without_the_detector() {
+    let d = Daemon::start(&[], &[]);
+    let (images, _) = fashion_test(4);
+    for (i, img) in images.iter().enumerate() {
+        let detect = parse(&d.post("/v1/detect", "image/png", &png(img)).1);
+        let path = if i % 2 == 0 {
+            "/v1/classify".to_owned()
+        } else {
+            format!("/v1/models/{MODEL}/classify")
+        };
+        let (status, text) = d.post(&path, "image/png", &png(img));
+        assert_eq!(status, 200, "{text}");
+        let c = parse(&text);
+        assert_eq!(c["class_id"], detect["class_id"]);
+        assert_eq!(c["label"], detect["label"]);
+        assert_eq!(c["model"]["name"], MODEL);
+        assert!(
+            (c["probability"].as_f64().unwrap() - detect["probability"].as_f64().unwrap()).abs()
+                < 1e-6
+        );
+        for absent in ["is_adversarial", "score", "components", "top_filters"] {
+            assert!(
+                c.get(absent).is_none(),
+                "{absent} in a classify answer: {c}"
+            );
+        }
+        assert!(c["timings"]["inference_us"].is_u64(), "{c}");
+    }
+    let encoded: Vec<String> = images
+        .iter()
+        .map(|i| base64::engine::general_purpose::STANDARD.encode(png(i)))
+        .collect();
+    let (status, r) = d.post_json("/v1/classify", &json!({ "images": encoded }));
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["results"].as_array().unwrap().len(), images.len());
+    assert_eq!(
+        d.post("/v1/models/nope/classify", "image/png", &png(&images[0]))
+            .0,
+        404
+    );
+}

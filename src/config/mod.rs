@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::detect::ScoreKind;
 
 mod proxy;
+mod threads;
 pub use proxy::{FailurePolicy, ImageSource, Policy, ProxyConfig, ProxyRoute};
+pub use threads::{ThreadsConfig, cores};
 
 /// The documented defaults, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -57,6 +59,7 @@ pub struct Settings {
     pub models: ModelsConfig,
     pub runtime: RuntimeConfig,
     pub batching: BatchingConfig,
+    pub threads: ThreadsConfig,
     pub logging: LoggingConfig,
     pub proxy: ProxyConfig,
 }
@@ -182,6 +185,9 @@ pub struct RuntimeConfig {
     pub trt_engine_cache: String,
     /// 0: cores / sessions_per_model.
     pub intra_op_threads: usize,
+    /// Whether idle intra-op threads busy-wait for work (ONNX Runtime's default); off by
+    /// default: spinning took a fifth of the CPU from decoding and HTTP under load (README).
+    pub intra_op_spinning: bool,
     pub sessions_per_model: usize,
 }
 
@@ -196,6 +202,7 @@ impl Default for RuntimeConfig {
             trt_fp16: false,
             trt_engine_cache: String::new(),
             intra_op_threads: 0,
+            intra_op_spinning: false,
             sessions_per_model: 1,
         }
     }
@@ -219,8 +226,7 @@ impl RuntimeConfig {
         if self.intra_op_threads > 0 {
             return self.intra_op_threads;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / self.sessions_per_model.max(1)).max(1)
+        (cores() / self.sessions_per_model.max(1)).max(1)
     }
 
     /// Checks this section; shared with `csgd calibrate`, which has no other sections.
@@ -470,6 +476,7 @@ impl Settings {
         let names: Vec<&str> = self.models.list.iter().map(|m| m.name.as_str()).collect();
         self.proxy.validate(&others, &names)?;
         self.runtime.validate()?;
+        self.threads.validate()?;
         if !valid_log_filter(&self.logging.level) {
             return Err(invalid(
                 "logging.level",

@@ -31,6 +31,7 @@ fn defaults_load_and_match_runtime_default() {
     assert_eq!(s.models.list.len(), 1);
     assert_eq!(s.models.list[0].score, ScoreKind::Combined);
     assert_eq!(s.runtime, RuntimeConfig::default());
+    assert_eq!(s.threads, crate::config::ThreadsConfig::default());
     assert_eq!(s.logging.format, LogFormat::Text);
 }
 

@@ -81,6 +81,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{name}", get(model_info))
         .route("/v1/models/{name}/detect", post(v1::detect_named))
+        .route("/v1/classify", post(v1::classify_default))
+        .route("/v1/models/{name}/classify", post(v1::classify_named))
         .route("/v1/explain", post(explain::explain_default))
         .route("/v1/models/{name}/explain", post(explain::explain_named))
         .merge(v2::routes())
@@ -277,6 +279,8 @@ mod tests {
             ("GET", "/v1/models/fashion-csg"),
             ("POST", "/v1/detect"),
             ("POST", "/v1/models/fashion-csg/detect"),
+            ("POST", "/v1/classify"),
+            ("POST", "/v1/models/fashion-csg/classify"),
             ("POST", "/v1/explain"),
             ("POST", "/v1/models/fashion-csg/explain"),
         ] {

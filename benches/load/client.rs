@@ -1,0 +1,268 @@
+//! A minimal HTTP/1.1 load generator on raw keep-alive TCP connections: closed-loop
+//! saturation, open-loop fixed-rate latency, and idle connections.
+//!
+//! Hand-written rather than an HTTP client library so that the client's own cost per request
+//! stays small and known (one write, one parse of the status line and Content-Length): it
+//! shares the machine with the daemon under test. It runs on a single-threaded tokio runtime
+//! for the same reason.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::TcpStream;
+
+/// Writes all of `buf` (tokio's `try_write` under readiness: the `io-util` extension traits
+/// are not among the daemon's tokio features, and enabling them here would rebuild its
+/// dependencies for the benchmarks).
+pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what is available (at least one byte, or 0 at end of stream).
+pub async fn read(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One prepared request body and its HTTP bytes.
+pub struct Request {
+    bytes: Vec<u8>,
+}
+
+impl Request {
+    pub fn post(path: &str, content_type: &str, body: &[u8]) -> Self {
+        let mut bytes = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(body);
+        Self { bytes }
+    }
+}
+
+/// A keep-alive connection.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub async fn open(addr: std::net::SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect(addr).await.context("connecting")?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(8192),
+        })
+    }
+
+    /// Sends the request and reads the whole answer; returns the status code.
+    pub async fn call(&mut self, req: &Request) -> Result<u16> {
+        write_all(&self.stream, &req.bytes).await?;
+        self.buf.clear();
+        let mut chunk = [0u8; 8192];
+        let (head_end, status, length) = loop {
+            let n = read(&self.stream, &mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed by the server");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).context("response head")?;
+                let status: u16 = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .context("status line")?;
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .context("no Content-Length in the answer")?;
+                break (end + 4, status, length);
+            }
+        };
+        while self.buf.len() < head_end + length {
+            let n = read(&self.stream, &mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed mid-answer");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(status)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    /// Successful answers per second.
+    pub rps: f64,
+    pub ok: u64,
+    pub errors: u64,
+    /// Latency percentiles in milliseconds (from the scheduled send time in open loop).
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+fn summarise(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> Run {
+    lat.sort_unstable();
+    Run {
+        rps: lat.len() as f64 / elapsed.as_secs_f64(),
+        ok: lat.len() as u64,
+        errors,
+        p50_ms: percentile(&lat, 0.50),
+        p90_ms: percentile(&lat, 0.90),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+/// `conns` connections each send requests back to back for `secs` (after `warmup`).
+pub async fn closed_loop(
+    addr: std::net::SocketAddr,
+    requests: Arc<Vec<Request>>,
+    conns: usize,
+    warmup: Duration,
+    secs: Duration,
+) -> Result<Run> {
+    let start = Instant::now() + warmup;
+    let end = start + secs;
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        let requests = Arc::clone(&requests);
+        tasks.spawn(async move {
+            let mut conn = Conn::open(addr).await?;
+            let (mut lat, mut errors, mut i) = (Vec::new(), 0u64, c);
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let status = conn.call(&requests[i % requests.len()]).await?;
+                i += conns;
+                if sent >= start {
+                    if status == 200 {
+                        lat.push(sent.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            anyhow::Ok((lat, errors))
+        });
+    }
+    gather(tasks, secs).await
+}
+
+/// Requests at a fixed `rate` per second for `secs`, spread over `conns` connections (each
+/// takes every conns-th slot of the schedule). When the connection was still busy at a
+/// request's scheduled time, its latency counts from that time, so a slow answer that delays
+/// the next send is charged to it (no coordinated omission); otherwise from the moment it is
+/// sent, so the timer's millisecond granularity is not charged to the daemon.
+pub async fn open_loop(
+    addr: std::net::SocketAddr,
+    requests: Arc<Vec<Request>>,
+    conns: usize,
+    rate: f64,
+    secs: Duration,
+) -> Result<Run> {
+    let start = Instant::now() + Duration::from_millis(200);
+    let total = (rate * secs.as_secs_f64()).round() as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conns {
+        let requests = Arc::clone(&requests);
+        tasks.spawn(async move {
+            let mut conn = Conn::open(addr).await?;
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            for slot in (c..total).step_by(conns) {
+                let due = start + interval * slot as u32;
+                let late = Instant::now() > due;
+                tokio::time::sleep_until(due.into()).await;
+                let from = if late { due } else { Instant::now() };
+                let status = conn.call(&requests[slot % requests.len()]).await?;
+                if status == 200 {
+                    lat.push(from.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            anyhow::Ok((lat, errors))
+        });
+    }
+    gather(tasks, secs).await
+}
+
+async fn gather(
+    mut tasks: tokio::task::JoinSet<Result<(Vec<Duration>, u64)>>,
+    secs: Duration,
+) -> Result<Run> {
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    while let Some(done) = tasks.join_next().await {
+        let (l, e) = done??;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok(summarise(lat, errors, secs))
+}
+
+/// Opens `n` connections, each answered once (at most `parallel` at a time, so that the
+/// daemon's concurrency limit is not what is measured), and returns them open.
+pub async fn open_idle(
+    addr: std::net::SocketAddr,
+    request: Arc<Request>,
+    n: usize,
+    parallel: usize,
+) -> Result<Vec<Conn>> {
+    let mut conns = Vec::with_capacity(n);
+    while conns.len() < n {
+        let mut wave = tokio::task::JoinSet::new();
+        for _ in 0..parallel.min(n - conns.len()) {
+            let request = Arc::clone(&request);
+            wave.spawn(async move {
+                let mut conn = Conn::open(addr).await?;
+                let status = conn.call(&request).await?;
+                if status != 200 {
+                    bail!("an idle-connection request got {status}");
+                }
+                anyhow::Ok(conn)
+            });
+        }
+        while let Some(conn) = wave.join_next().await {
+            conns.push(conn??);
+        }
+    }
+    Ok(conns)
+}

@@ -1,0 +1,546 @@
+//! The load benchmark: csgd end to end over HTTP against the raw ONNX Runtime limit, in one
+//! run on one machine, for one model per `suite` invocation. `benches/load.sh` drives it for
+//! both benchmark models and assembles the table (`table`); run that, not this directly.
+//!
+//! Why ratios: absolute times on shared machines move with the load; csgd and the limit
+//! measured in interleaved rounds of the same run see the same conditions, so their ratio is
+//! what the targets are stated in. Every figure is a median over the rounds.
+
+mod client;
+mod daemon;
+mod limit;
+mod report;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use client::Request;
+use daemon::{Daemon, Spec};
+
+#[derive(Parser)]
+#[command(about = "csgd load benchmark (see benches/load.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Passed by `cargo bench` (after the subcommand's arguments); ignored.
+    #[arg(long, hide = true, global = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure one model: the limit, csgd batched/unbatched/classify, latency, memory, start.
+    Suite(SuiteArgs),
+    /// Give a random-weight bundle a stand-in calibration (in place), so the detector runs.
+    StandInCalibration {
+        model: PathBuf,
+        #[arg(long, default_value = ".ort/libonnxruntime.so")]
+        ort_library: PathBuf,
+        #[arg(long, default_value_t = 240)]
+        images: usize,
+    },
+    /// Merge suite results into one JSON file and a Markdown table.
+    Table {
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long)]
+        md: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct SuiteArgs {
+    /// Label of the model in the table.
+    #[arg(long)]
+    label: String,
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "target/release/csgd")]
+    csgd: PathBuf,
+    #[arg(long, default_value = ".ort/libonnxruntime.so")]
+    ort_library: PathBuf,
+    /// Batch sizes tried for the limit (the best is kept).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16,32,64")]
+    batches: Vec<usize>,
+    /// Interleaved rounds of (limit, batched, classify, unbatched); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Seconds per fixed-rate latency measurement.
+    #[arg(long, default_value_t = 10.0)]
+    latency_secs: f64,
+    /// Connections of the saturating (closed-loop) client.
+    #[arg(long, default_value_t = 32)]
+    conns: usize,
+    /// Connections held open for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle_conns: usize,
+    /// Execution providers of both the limit and the daemon, in order (repeatable).
+    #[arg(long = "provider", value_enum, default_values = ["cpu"])]
+    providers: Vec<csgd::config::Provider>,
+    /// TensorRT engine cache folder (runtime.trt_engine_cache) for both.
+    #[arg(long, default_value = "")]
+    trt_engine_cache: String,
+    /// Extra `csgd serve --set KEY=VALUE` for both daemons (repeatable).
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Where the result JSON goes.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        None => {
+            eprintln!("load: run benches/load.sh (this binary needs a subcommand; see --help)");
+            Ok(())
+        }
+        Some(Cmd::StandInCalibration {
+            model,
+            ort_library,
+            images,
+        }) => stand_in_calibration(&model, &ort_library, images),
+        Some(Cmd::Table { inputs, json, md }) => report::table(&inputs, &json, &md),
+        Some(Cmd::Suite(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(suite(&args))?;
+            std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("{}", report::markdown(std::slice::from_ref(&result)));
+            Ok(())
+        }
+    }
+}
+
+/// A deterministic picture of the model's input size: a tinted, striped pattern with noise,
+/// each aspect drawn from `seed`, so that a set of them spreads over a model's classes.
+fn synthetic_png(spec: &csg_bundle::InputSpec, seed: u32) -> Result<Vec<u8>> {
+    let (w, h) = (spec.width as u32, spec.height as u32);
+    let mut state = seed.wrapping_mul(2_654_435_761) ^ 0x9e37_79b9;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let tint: [f32; 3] = [0, 1, 2].map(|_| (rand() % 256) as f32 / 255.0);
+    let (fx, fy) = (1 + rand() % 9, 1 + rand() % 9);
+    let amplitude = (rand() % 200) as f32;
+    let noise_level = (rand() % 128) as f32;
+    let mut pixel = |x: u32, y: u32, c: usize| -> u8 {
+        let wave = (((x * fx + y * fy) % 32) as f32 / 31.0) * amplitude;
+        let noise = (rand() % 256) as f32 / 255.0 * noise_level;
+        (tint[c] * 128.0 + wave * 0.5 + noise).clamp(0.0, 255.0) as u8
+    };
+    let image = if spec.channels == 1 {
+        image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([pixel(x, y, 0)])
+        }))
+    } else {
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([pixel(x, y, 0), pixel(x, y, 1), pixel(x, y, 2)])
+        }))
+    };
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}
+
+/// The request images: Fashion-MNIST test images for a 28×28 grayscale model when the
+/// Debian package is installed, synthetic ones otherwise.
+fn request_pngs(meta: &csg_bundle::BundleMeta, n: usize) -> Result<Vec<Vec<u8>>> {
+    let spec = &meta.input;
+    if (spec.channels, spec.height, spec.width) == (1, 28, 28) {
+        let dir = Path::new(csg_bundle::dataset::DEFAULT_DATA_DIR);
+        if let Ok(data) = csg_bundle::dataset::Dataset::load(dir, "t10k") {
+            return (0..n.min(data.len()))
+                .map(|i| {
+                    let gray = image::GrayImage::from_raw(28, 28, data.image(i).to_vec())
+                        .context("28×28 image")?;
+                    let mut out = Cursor::new(Vec::new());
+                    image::DynamicImage::ImageLuma8(gray)
+                        .write_to(&mut out, image::ImageFormat::Png)?;
+                    Ok(out.into_inner())
+                })
+                .collect();
+        }
+    }
+    (0..n as u32).map(|i| synthetic_png(spec, i)).collect()
+}
+
+/// Gives a bundle a stand-in calibration so that the benchmark runs the real detector on it.
+///
+/// `csgd calibrate` fits on correctly classified clean images of every class, and a model with
+/// random weights (the ResNet-18 fixture) predicts one class for nearly every input, so no
+/// image folder can calibrate it. Here synthetic images are run through the model, assigned
+/// classes round-robin, and each image's logits are permuted so that its assigned class is the
+/// top one; the real fitting code then runs on those outputs. The statistics mean nothing;
+/// their shapes (per-class gated filters, stages, score tables) are the real ones, and the
+/// scoring cost per image depends only on those.
+fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Result<()> {
+    use csgd::detect::fit::{self, CleanOutputs, StageData};
+    let runtime = csgd::config::RuntimeConfig {
+        ort_library: ort_library.display().to_string(),
+        ..Default::default()
+    };
+    let mut session = csgd::runtime::Model::load(model, &runtime)?;
+    let meta = session.meta().clone();
+    let spec = &meta.input;
+    let classes = meta.classes.len();
+    let stages = csgd::calibrate::stage_outputs(&meta, None)?;
+    let channels = meta.architecture.stage_channels();
+    let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
+        .chain(stages.iter().map(|(n, _)| n.as_str()))
+        .collect();
+    let empty = || CleanOutputs {
+        labels: vec![],
+        logits: vec![],
+        stages: stages
+            .iter()
+            .map(|(name, stage)| StageData {
+                output: name.clone(),
+                stage: *stage,
+                channels: channels[*stage],
+                values: vec![],
+            })
+            .collect(),
+    };
+    let mut sets = [empty(), empty()];
+    for start in (0..images).step_by(16) {
+        let n = 16.min(images - start);
+        let mut data = Vec::with_capacity(n * spec.len());
+        for i in start..start + n {
+            let png = synthetic_png(spec, i as u32)?;
+            data.extend(csgd::preprocess::preprocess_image(
+                &png,
+                Some("image/png"),
+                spec,
+                u64::MAX,
+            )?);
+        }
+        let view =
+            ndarray::ArrayView4::from_shape((n, spec.channels, spec.height, spec.width), &data)?;
+        let outputs = session.run(view, &names)?;
+        let Some((logits, stage_values)) = outputs.split_first() else {
+            anyhow::bail!("the model returned no outputs");
+        };
+        for (k, row) in logits.rows().into_iter().enumerate() {
+            let i = start + k;
+            let label = (i / 2) % classes;
+            let set = &mut sets[i % 2];
+            let mut row = row.to_vec();
+            let (top, _) = csgd::detect::scores::top_class(&row);
+            row.swap(top, label);
+            set.labels.push(label);
+            set.logits.extend(row);
+            for (stage, values) in set.stages.iter_mut().zip(stage_values) {
+                stage.values.extend(values.row(k).iter());
+            }
+        }
+    }
+    let [fit_set, table_set] = sets;
+    let options = fit::FitOptions {
+        data: format!(
+            "benchmark stand-in: {images} synthetic images, classes assigned round-robin"
+        ),
+        ..Default::default()
+    };
+    let calibration = fit::fit(&meta, &fit_set, &table_set, &options)?;
+    let mut meta = meta;
+    meta.calibration = Some(calibration);
+    csg_bundle::onnx::write_meta(model, &meta)?;
+    println!(
+        "{}: stand-in calibration from {images} synthetic images",
+        model.display()
+    );
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
+    let load_before = loadavg();
+    let secs = Duration::from_secs_f64(a.secs);
+    let meta = csgd::runtime::read_bundle_meta(&a.model)?;
+    let pngs = request_pngs(&meta, 16)?;
+    let calibrated = meta.calibration.is_some();
+
+    // The limit is the best the runtime does with this thread budget: every batch size, with
+    // ONNX Runtime's idle threads spinning (its default) and not (the daemon's default).
+    eprintln!("[{}] limit: searching the best batch size", a.label);
+    let mut per_batch = serde_json::Map::new();
+    let (mut best, mut best_ips, mut best_spin) = (1, 0.0, false);
+    let mut candidates = Vec::new();
+    for spinning in [false, true] {
+        let runtime = csgd::config::RuntimeConfig {
+            ort_library: a.ort_library.display().to_string(),
+            execution_providers: a.providers.clone(),
+            trt_engine_cache: a.trt_engine_cache.clone(),
+            intra_op_spinning: spinning,
+            ..Default::default()
+        };
+        let mut candidate = limit::Limit::load(&a.model, &runtime)?;
+        for &b in &a.batches {
+            let ips = candidate.measure(&pngs, b, secs.mul_f64(0.4))?;
+            eprintln!("  batch {b:>3}, spinning {spinning}: {ips:.1} img/s");
+            per_batch.insert(
+                format!("{b}{}", if spinning { "-spin" } else { "" }),
+                ips.into(),
+            );
+            if ips > best_ips {
+                (best, best_ips, best_spin) = (b, ips, spinning);
+            }
+        }
+        candidates.push(candidate);
+    }
+    let mut limit = candidates.swap_remove(usize::from(best_spin));
+    drop(candidates);
+
+    let providers: Vec<&str> = a.providers.iter().map(|p| p.name()).collect();
+    let mut common = a.sets.clone();
+    if !a.trt_engine_cache.is_empty() {
+        common.push(format!("runtime.trt_engine_cache={}", a.trt_engine_cache));
+    }
+    let spec = |sets: &[&str]| Spec {
+        csgd: a.csgd.clone(),
+        model_name: "bench".into(),
+        model_path: a.model.clone(),
+        ort_library: a.ort_library.clone(),
+        providers: providers.iter().map(|p| p.to_string()).collect(),
+        sets: common
+            .iter()
+            .cloned()
+            .chain(sets.iter().map(|s| s.to_string()))
+            .collect(),
+    };
+    let mut ready = Vec::new();
+    let probe = Daemon::start(&spec(&[])).await?;
+    ready.push(probe.ready_after.as_secs_f64());
+    probe.stop();
+    let batched = Daemon::start(&spec(&[])).await?;
+    ready.push(batched.ready_after.as_secs_f64());
+    let unbatched = Daemon::start(&spec(&["batching.max_batch_size=1"])).await?;
+    ready.push(unbatched.ready_after.as_secs_f64());
+
+    let body = |path: &str| -> Arc<Vec<Request>> {
+        Arc::new(
+            pngs.iter()
+                .map(|p| Request::post(path, "image/png", p))
+                .collect(),
+        )
+    };
+    let detect = body("/v1/models/bench/detect");
+    let classify = body("/v1/models/bench/classify");
+    // Warm both daemons (first requests allocate buffers), then read idle memory.
+    let warm = Duration::from_millis(500);
+    client::closed_loop(
+        batched.addr,
+        Arc::clone(&detect),
+        a.conns,
+        Duration::ZERO,
+        warm,
+    )
+    .await?;
+    client::closed_loop(
+        unbatched.addr,
+        Arc::clone(&detect),
+        a.conns,
+        Duration::ZERO,
+        warm,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle_rss, _) = batched.memory_mib()?;
+
+    let (mut lim, mut bat, mut cls, mut unb) = (vec![], vec![], vec![], vec![]);
+    let mut runs = Vec::new();
+    let settle = Duration::from_millis(300);
+    // Odd rounds run the four measurements in reverse order, so a drift in the machine's
+    // load during a round does not always favour the same one.
+    let (mut r_bat, mut r_unb, mut r_det) = (vec![], vec![], vec![]);
+    for round in 0..a.rounds {
+        eprintln!("[{}] round {}/{}", a.label, round + 1, a.rounds);
+        let mut order = [0, 1, 2, 3];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let (mut l, mut b, mut c, mut u) = (0.0, None, None, None);
+        for step in order {
+            match step {
+                0 => l = limit.measure(&pngs, best, secs)?,
+                1 => {
+                    b = Some(
+                        client::closed_loop(
+                            batched.addr,
+                            Arc::clone(&detect),
+                            a.conns,
+                            settle,
+                            secs,
+                        )
+                        .await?,
+                    )
+                }
+                2 => {
+                    c = Some(
+                        client::closed_loop(
+                            batched.addr,
+                            Arc::clone(&classify),
+                            a.conns,
+                            settle,
+                            secs,
+                        )
+                        .await?,
+                    )
+                }
+                _ => {
+                    u = Some(
+                        client::closed_loop(
+                            unbatched.addr,
+                            Arc::clone(&detect),
+                            a.conns,
+                            settle,
+                            secs,
+                        )
+                        .await?,
+                    )
+                }
+            }
+        }
+        let (Some(b), Some(c), Some(u)) = (b, c, u) else {
+            anyhow::bail!("a measurement of the round did not run");
+        };
+        eprintln!(
+            "  limit {l:.1}  batched {:.1}  classify {:.1}  unbatched {:.1} img/s",
+            b.rps, c.rps, u.rps
+        );
+        lim.push(l);
+        bat.push(b.rps);
+        cls.push(c.rps);
+        unb.push(u.rps);
+        r_bat.push(b.rps / l);
+        r_unb.push(u.rps / l);
+        r_det.push(b.rps / c.rps);
+        runs.push(serde_json::json!({"limit": l, "batched": b, "classify": c, "unbatched": u}));
+    }
+    let saturated = median(&bat);
+
+    // Each latency level is a fraction of the saturated rate measured just before it: the
+    // capacity of a shared machine drifts, and a rate above it only measures a growing queue.
+    let mut latency = Vec::new();
+    for fraction in [0.25, 0.5, 0.9] {
+        let now = client::closed_loop(
+            batched.addr,
+            Arc::clone(&detect),
+            a.conns,
+            settle,
+            secs.mul_f64(0.5),
+        )
+        .await?;
+        let rate = now.rps * fraction;
+        let run = client::open_loop(
+            batched.addr,
+            Arc::clone(&detect),
+            64,
+            rate,
+            Duration::from_secs_f64(a.latency_secs),
+        )
+        .await?;
+        eprintln!(
+            "[{}] {:.0} % of {:.1} ({rate:.1} req/s): p50 {:.2} p90 {:.2} p99 {:.2} ms",
+            a.label,
+            fraction * 100.0,
+            now.rps,
+            run.p50_ms,
+            run.p90_ms,
+            run.p99_ms
+        );
+        latency.push(serde_json::json!({"fraction": fraction, "saturated": now.rps, "rate": rate, "run": run}));
+    }
+
+    eprintln!("[{}] opening {} idle connections", a.label, a.idle_conns);
+    let one = Arc::new(Request::post(
+        "/v1/models/bench/detect",
+        "image/png",
+        &pngs[0],
+    ));
+    let held = client::open_idle(batched.addr, one, a.idle_conns, 64).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (conns_rss, _) = batched.memory_mib()?;
+    drop(held);
+    let (_, peak_rss) = batched.memory_mib()?;
+    batched.stop();
+    unbatched.stop();
+
+    let lim_m = median(&lim);
+    let cls_m = median(&cls);
+    Ok(serde_json::json!({
+        "label": a.label,
+        "providers": providers,
+        "model": a.model,
+        "input": meta.input,
+        "calibrated": calibrated,
+        "cores": csgd::config::cores(),
+        "threads": {
+            "intra_op": limit.intra_threads,
+            "io_workers": csgd::config::ThreadsConfig::default().io_workers(),
+            "preprocess": csgd::config::ThreadsConfig::default().preprocess_threads(),
+            "limit_decoders": limit.decode_threads,
+        },
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "daemon_sets": a.sets,
+        "secs_per_measurement": a.secs,
+        "rounds": a.rounds,
+        "conns": a.conns,
+        "limit": {"best_batch": best, "spinning": best_spin, "search": per_batch, "ips": lim_m},
+        "csgd_batched_ips": saturated,
+        "csgd_unbatched_ips": median(&unb),
+        "classify_ips": cls_m,
+        // Medians of the per-round ratios: each round's figures saw the same conditions.
+        "ratios": {
+            "batched_vs_limit": median(&r_bat),
+            "unbatched_vs_limit": median(&r_unb),
+            "detect_vs_classify": median(&r_det),
+            "detection_cost": 1.0 - median(&r_det),
+        },
+        "ratios_of_medians": {
+            "batched_vs_limit": saturated / lim_m,
+            "unbatched_vs_limit": median(&unb) / lim_m,
+            "detection_cost": 1.0 - saturated / cls_m,
+        },
+        "latency": latency,
+        "memory_mib": {"idle": idle_rss, "conns": a.idle_conns, "with_conns": conns_rss, "peak": peak_rss},
+        "ready_s": median(&ready),
+        "ready_samples_s": ready,
+        "rounds_raw": runs,
+    }))
+}
