@@ -287,7 +287,12 @@ fn kind(v: &Value) -> &'static str {
 }
 
 #[cfg(test)]
+#[path = "testing/png_bomb.rs"]
+mod png_bomb;
+
+#[cfg(test)]
 mod tests {
+    use super::png_bomb::png_bomb;
     use super::*;
     use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
     use serde_json::json;
@@ -384,25 +389,7 @@ mod tests {
 
     #[test]
     fn refuses_too_many_pixels_before_decoding() {
-        // A PNG declaring 100000×100000 pixels with a few bytes of image data.
-        let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = 100_000u32.to_be_bytes().to_vec();
-        ihdr.extend(100_000u32.to_be_bytes());
-        ihdr.extend([8, 0, 0, 0, 0]);
-        for (kind, data) in [
-            (&b"IHDR"[..], ihdr),
-            (
-                b"IDAT",
-                vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-            ),
-            (b"IEND", vec![]),
-        ] {
-            bomb.extend((data.len() as u32).to_be_bytes());
-            let mut chunk = kind.to_vec();
-            chunk.extend(&data);
-            bomb.extend(&chunk);
-            bomb.extend(crc32(&chunk).to_be_bytes());
-        }
+        let bomb = png_bomb(100_000, 100_000);
         let err = preprocess_image(&bomb, None, &gray_spec(28, 28), 16_000_000).unwrap_err();
         assert!(
             matches!(
@@ -415,21 +402,6 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("server.max_pixels"));
-    }
-
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
     }
 
     #[test]

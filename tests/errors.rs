@@ -1,11 +1,14 @@
 //! Client mistakes and overload get the right status and error kind, never a 500 or a panic.
 
 mod common;
+#[path = "../src/testing/png_bomb.rs"]
+mod png_bomb;
 
 use std::sync::Arc;
 use std::thread;
 
 use common::{Daemon, fashion_test, metric_value, multipart, parse, png};
+use png_bomb::png_bomb;
 use serde_json::json;
 
 #[test]
@@ -28,28 +31,7 @@ fn client_mistakes_get_the_right_status_and_kind() {
             .unwrap();
         out
     };
-    let bomb = {
-        // A PNG declaring 100000×100000 pixels with a few bytes of image data.
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = 100_000u32.to_be_bytes().to_vec();
-        ihdr.extend(100_000u32.to_be_bytes());
-        ihdr.extend([8, 0, 0, 0, 0]);
-        for (kind, data) in [
-            (&b"IHDR"[..], ihdr),
-            (
-                b"IDAT",
-                vec![0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-            ),
-            (b"IEND", vec![]),
-        ] {
-            out.extend((data.len() as u32).to_be_bytes());
-            let mut chunk = kind.to_vec();
-            chunk.extend(&data);
-            out.extend(&chunk);
-            out.extend(crc32(&chunk).to_be_bytes());
-        }
-        out
-    };
+    let bomb = png_bomb(100_000, 100_000);
     let (mp_ct, mp_body) = multipart(&vec![good.clone(); 5]);
     let detect = "/v1/detect";
     type Case<'a> = (&'a str, &'a str, String, Vec<u8>, u16, &'a str, &'a str);
@@ -318,21 +300,6 @@ fn png_of_size(side: u32) -> Vec<u8> {
         .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .unwrap();
     out
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[test]
