@@ -7,7 +7,7 @@ use csg_bundle::dataset::{self, Dataset};
 use csg_bundle::{BundleMeta, InputSpec};
 use ndarray::Array4;
 
-use crate::detect::fit::{self, CleanOutputs, FitOptions, StageData};
+use crate::detect::fit::{self, CleanOutputs, FitOptions};
 use crate::detect::{Calibration, DetectError};
 use crate::preprocess;
 use crate::runtime::{Model, RuntimeError};
@@ -228,16 +228,7 @@ fn run_model(
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {
         labels: indices.iter().map(|&i| images.labels[i]).collect(),
-        logits: Vec::new(),
-        stages: stages
-            .iter()
-            .map(|(name, stage)| StageData {
-                output: name.clone(),
-                stage: *stage,
-                channels: channels[*stage],
-                values: Vec::new(),
-            })
-            .collect(),
+        ..CleanOutputs::for_stages(stages, &channels)
     };
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = images.tensor.select(ndarray::Axis(0), chunk);

@@ -189,7 +189,7 @@ fn request_pngs(meta: &csg_bundle::BundleMeta, n: usize) -> Result<Vec<Vec<u8>>>
 /// their shapes (per-class gated filters, stages, score tables) are the real ones, and the
 /// scoring cost per image depends only on those.
 fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Result<()> {
-    use csgd::detect::fit::{self, CleanOutputs, StageData};
+    use csgd::detect::fit::{self, CleanOutputs};
     let runtime = csgd::config::RuntimeConfig {
         ort_library: ort_library.display().to_string(),
         ..Default::default()
@@ -203,19 +203,7 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
         .chain(stages.iter().map(|(n, _)| n.as_str()))
         .collect();
-    let empty = || CleanOutputs {
-        labels: vec![],
-        logits: vec![],
-        stages: stages
-            .iter()
-            .map(|(name, stage)| StageData {
-                output: name.clone(),
-                stage: *stage,
-                channels: channels[*stage],
-                values: vec![],
-            })
-            .collect(),
-    };
+    let empty = || CleanOutputs::for_stages(&stages, &channels);
     let mut sets = [empty(), empty()];
     for start in (0..images).step_by(16) {
         let n = 16.min(images - start);

@@ -34,6 +34,24 @@ pub struct StageData {
 }
 
 impl CleanOutputs {
+    /// No images yet, with one empty [`StageData`] per `(output name, 0-based stage)`;
+    /// `channels` holds every stage's channel count (`Architecture::stage_channels`).
+    pub fn for_stages(stages: &[(String, usize)], channels: &[usize]) -> Self {
+        Self {
+            labels: Vec::new(),
+            logits: Vec::new(),
+            stages: stages
+                .iter()
+                .map(|(name, stage)| StageData {
+                    output: name.clone(),
+                    stage: *stage,
+                    channels: channels[*stage],
+                    values: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.labels.len()
     }
