@@ -2,30 +2,29 @@
 //! shared by the tests): each raises the loss within its budget, targeted attacks reach their
 //! target on most images, the 8-bit PNG round trip holds and the manifest is reproducible.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use common::{MEAN, STD, tiny_config, train_images};
 use csg_bundle::calibration::{
     CALIBRATION_VERSION, Calibration, GATED, GatedPrecision, StageMetric, StageStats,
 };
-use csg_bundle::{Architecture, CnnStage};
 use csg_train::attacks::adaptive::AdaptiveParams;
 use csg_train::attacks::detector::DetectorSurrogate;
 use csg_train::attacks::run::{self, RunSpec, TargetMode};
 use csg_train::attacks::{
     self, AttackConfig, CwParams, DeepFoolParams, FgsmParams, Goal, PgdParams, Victim,
 };
-use csg_train::csg::{GateConfig, Schedule};
-use csg_train::data::{self, Augment, Dataset};
+use csg_train::data::{self, Dataset};
 use csg_train::model::Network;
-use csg_train::trainer::{self, TrainConfig};
+use csg_train::trainer;
 use csg_train::{checkpoint, device, fashion_input};
 
-const MEAN: f32 = 0.286;
-const STD: f32 = 0.353;
 /// Test images attacked (the first of the test split the model gets right).
 const IMAGES: usize = 16;
 
@@ -40,36 +39,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = data::default_data_dir();
-        let full = Dataset::load(&dir, "train").unwrap_or_else(|e| {
-            panic!("{e}\n(.ci/setup installs the dataset; CSGD_DATA_DIR overrides its path)")
-        });
-        let test = Dataset::load(&dir, "t10k").expect("test split");
-        let train = full.select(&(0..4000).collect::<Vec<_>>());
-        let config = TrainConfig {
-            architecture: Architecture::cnn(
-                1,
-                10,
-                CnnStage::parse_list("8p,16p,32").expect("valid widths"),
-            ),
-            gated: true,
-            epochs: 4,
-            batch_size: 50,
-            lr: 3e-3,
-            gate_lr: 3e-3,
-            mask_lr: 1e-2,
-            cosine: true,
-            gate: GateConfig::default(),
-            schedule: Schedule::Interleave { every: 2 },
-            augment: Augment {
-                crop_padding: 1,
-                flip: true,
-            },
-            mean: MEAN,
-            std: STD,
-            seed: 5,
-            max_steps: None,
-        };
+        let test = Dataset::load(&data::default_data_dir(), "t10k").expect("test split");
+        let train = train_images(4000);
+        let config = tiny_config(true, 4, 5);
         let trained = trainer::train(&config, &train, &device(), false).expect("training");
         let model = trained.model;
         let victim = victim_of(&model);

@@ -1,52 +1,17 @@
 //! Trains briefly on real Fashion-MNIST and checks what training must guarantee: the loss
 //! falls, the gate keeps its constraints, and a checkpoint reloads to the same network.
 
+mod common;
+
 use burn::module::Module;
-use csg_bundle::{Architecture, CnnStage};
-use csg_train::csg::{GateConfig, Schedule};
-use csg_train::data::{self, Augment, Dataset};
-use csg_train::trainer::{self, TrainConfig};
+use common::{tiny_config, train_images};
 use csg_train::{checkpoint, device, fashion_input};
-
-fn subset(n: usize) -> Dataset {
-    let dir = data::default_data_dir();
-    let full = Dataset::load(&dir, "train").unwrap_or_else(|e| {
-        panic!("{e}\n(.ci/setup installs the dataset; CSGD_DATA_DIR overrides its path)")
-    });
-    full.select(&(0..n).collect::<Vec<_>>())
-}
-
-fn config(gated: bool) -> TrainConfig {
-    TrainConfig {
-        architecture: Architecture::cnn(
-            1,
-            10,
-            CnnStage::parse_list("8p,16p,32").expect("valid widths"),
-        ),
-        gated,
-        epochs: 8,
-        batch_size: 50,
-        lr: 3e-3,
-        gate_lr: 3e-3,
-        mask_lr: 1e-2,
-        cosine: true,
-        gate: GateConfig::default(),
-        schedule: Schedule::Interleave { every: 2 },
-        augment: Augment {
-            crop_padding: 1,
-            flip: true,
-        },
-        mean: 0.286,
-        std: 0.353,
-        seed: 3,
-        max_steps: None,
-    }
-}
+use csg_train::{data, trainer};
 
 #[test]
 fn csg_training_lowers_the_loss_and_keeps_the_gate_projected() {
-    let train = subset(1500);
-    let config = config(true);
+    let train = train_images(1500);
+    let config = tiny_config(true, 8, 3);
     let trained = trainer::train(&config, &train, &device(), false).unwrap();
     assert_eq!(trained.steps, 8 * 30);
     let first = &trained.history[0];
@@ -76,9 +41,8 @@ fn csg_training_lowers_the_loss_and_keeps_the_gate_projected() {
 
 #[test]
 fn checkpoints_reload_to_the_same_outputs() {
-    let train = subset(400);
-    let mut config = config(true);
-    config.epochs = 1;
+    let train = train_images(400);
+    let config = tiny_config(true, 1, 3);
     let trained = trainer::train(&config, &train, &device(), false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
@@ -110,9 +74,8 @@ fn checkpoints_reload_to_the_same_outputs() {
 
 #[test]
 fn standard_training_has_no_gate() {
-    let train = subset(200);
-    let mut config = config(false);
-    config.epochs = 1;
+    let train = train_images(200);
+    let config = tiny_config(false, 1, 3);
     let trained = trainer::train(&config, &train, &device(), false).unwrap();
     assert!(trainer::gate_of(&trained.model).is_none());
     assert!(trained.history[0].gated_loss.is_none());
