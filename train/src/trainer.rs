@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
+use burn::module::ParamId;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::{Int, TensorData};
@@ -18,7 +19,7 @@ use serde::Serialize;
 use crate::csg::{self, GateConfig, Schedule, StepKind};
 use crate::data::{self, Augment, Dataset};
 use crate::metrics::{self, MIS_BINS};
-use crate::model::{GateParam, Network};
+use crate::model::{Forward, GateParam, Network};
 
 /// Everything that defines a training run (recorded verbatim in the report).
 #[derive(Debug, Clone, Serialize)]
@@ -100,6 +101,32 @@ pub fn gate_of(model: &Network) -> Option<Gate> {
         classes,
         values,
     })
+}
+
+/// The gated path's cross-entropy (each image's feature map gated by its true label's column
+/// of G) and the gate's L1 hinge, from a forward pass; with the gate's parameter id, whose
+/// gradient the mask optimiser takes.
+fn gated_terms(
+    model: &Network,
+    out: &Forward,
+    labels: &Tensor<1, Int>,
+    loss_fn: &CrossEntropyLoss,
+    gate: GateConfig,
+) -> (Tensor<1>, Tensor<1>, ParamId) {
+    let activations = out
+        .stage_activations
+        .last()
+        .cloned()
+        .expect("at least one stage");
+    let logits = model
+        .gated_logits(activations, labels.clone())
+        .expect("gated runs have a gate");
+    let mask = &model.lmask.as_ref().expect("gated").mask;
+    (
+        loss_fn.forward(logits, labels.clone()),
+        csg::hinge(mask.val(), gate),
+        mask.id,
+    )
 }
 
 fn count_correct(logits: &Tensor<2>, labels: &Tensor<1, Int>) -> usize {
@@ -197,19 +224,8 @@ pub fn train(
                 let out = model.forward(x.clone());
                 correct += count_correct(&out.logits, &y);
                 seen += indices.len();
-                let activations = out
-                    .stage_activations
-                    .last()
-                    .cloned()
-                    .expect("at least one stage");
-                let gated_logits = model
-                    .gated_logits(activations, y.clone())
-                    .expect("gated runs have a gate");
-                let mask = &model.lmask.as_ref().expect("gated").mask;
-                let mask_id = mask.id;
+                let (gated, hinge, mask_id) = gated_terms(&model, &out, &y, &loss_fn, config.gate);
                 let standard = loss_fn.forward(out.logits, y.clone());
-                let gated = loss_fn.forward(gated_logits, y.clone());
-                let hinge = csg::hinge(mask.val(), config.gate);
                 std_loss += f64::from(standard.clone().into_scalar::<f32>());
                 std_n += 1;
                 gated_loss += f64::from(gated.clone().into_scalar::<f32>());
@@ -232,17 +248,8 @@ pub fn train(
             }
             if matches!(kind, StepKind::Gated | StepKind::StandardThenGated) {
                 let out = model.forward(x);
-                let activations = out
-                    .stage_activations
-                    .last()
-                    .cloned()
-                    .expect("at least one stage");
-                let logits = model
-                    .gated_logits(activations, y.clone())
-                    .expect("gated runs have a gate");
-                let mask = &model.lmask.as_ref().expect("gated").mask;
-                let mask_id = mask.id;
-                let loss = loss_fn.forward(logits, y) + csg::hinge(mask.val(), config.gate);
+                let (gated, hinge, mask_id) = gated_terms(&model, &out, &y, &loss_fn, config.gate);
+                let loss = gated + hinge;
                 gated_loss += f64::from(loss.clone().into_scalar::<f32>());
                 gated_n += 1;
                 let mut grads = loss.backward();
