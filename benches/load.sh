@@ -20,11 +20,11 @@ RESNET_PT=${RESNET_PT:-/work/shared/fixtures/resnet18-csg-official.pt}
 ORT=${ORT_DYLIB_PATH:-.ort/libonnxruntime.so}
 OUT=${CSGD_BENCH_OUT:-benches/results}
 if [[ -n ${QUICK:-} ]]; then
-  TINY=(--rounds 2 --secs 2 --latency-secs 4)
-  BIG=(--rounds 2 --secs 4 --latency-secs 6 --batches 1,4,8)
+  TINY=(--rounds 2 --secs 2 --latency-secs 4 --cost-pairs 2 --cost-secs 1)
+  BIG=(--rounds 2 --secs 4 --latency-secs 6 --batches 1,4,8 --cost-pairs 2 --cost-secs 2)
 else
   TINY=(--rounds 3 --secs 5 --latency-secs 10)
-  BIG=(--rounds 3 --secs 10 --latency-secs 20 --batches 1,2,4,8,16)
+  BIG=(--rounds 3 --secs 10 --latency-secs 20 --batches 1,2,4,8,16 --cost-secs 6)
 fi
 mkdir -p "$WORK" "$OUT"
 echo "load before: $(uptime)"

@@ -44,8 +44,10 @@ pub struct Metrics {
     pub images: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub in_flight: IntGauge,
+    pub connections: IntGaugeVec,
     pub model_info: GaugeVec,
     pub ready: IntGauge,
+    pub reloads: IntCounterVec,
     pub proxy: ProxyMetrics,
 }
 
@@ -165,6 +167,17 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            connections: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "open_connections",
+                        "Open client connections, by listener (api, metrics, proxy).",
+                    ),
+                    &["listener"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             model_info: {
                 let g = GaugeVec::new(
                     Opts::new(
@@ -181,6 +194,11 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            reloads: counter(
+                "reloads_total",
+                "Hot reloads of the model bundles, by trigger (sighup, admin) and result (ok, failed, in_progress, not_serving).",
+                &["trigger", "result"],
+            )?,
             proxy: ProxyMetrics {
                 forwarded: counter(
                     "proxy_forwarded_total",

@@ -50,6 +50,20 @@ pub struct ServedModel {
     pub explain: Result<ExplainSession, String>,
 }
 
+impl ServedModel {
+    /// Label values of this model's `csgd_model_info` series: name, version, provider,
+    /// verdict score, calibrated.
+    pub fn info_labels(&self) -> [String; 5] {
+        [
+            self.name.clone(),
+            self.meta.version.clone(),
+            self.provider.clone(),
+            self.detector.score_name().to_owned(),
+            self.detector.is_calibrated().to_string(),
+        ]
+    }
+}
+
 /// The name → model table, complete once every model is warmed up.
 #[derive(Debug)]
 pub struct Registry {
@@ -289,36 +303,22 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             })
             .collect();
         let batcher = Batcher::start(&name, runners, shape, limits, Arc::clone(metrics));
-        let calibrated = if l.detector.is_calibrated() {
-            "true"
-        } else {
-            "false"
+        let model = ServedModel {
+            name: name.clone(),
+            path: l.path,
+            meta: l.meta,
+            detector: l.detector,
+            provider,
+            sessions,
+            outputs: l.outputs,
+            batcher,
+            explain: l.explain,
         };
-        metrics
-            .model_info
-            .with_label_values(&[
-                name.as_str(),
-                l.meta.version.as_str(),
-                provider.as_str(),
-                l.detector.score_name(),
-                calibrated,
-            ])
-            .set(1.0);
+        let labels = model.info_labels();
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        metrics.model_info.with_label_values(&labels).set(1.0);
         metrics.queue_depth.with_label_values(&[&name]).set(0);
-        models.insert(
-            name.clone(),
-            Arc::new(ServedModel {
-                name,
-                path: l.path,
-                meta: l.meta,
-                detector: l.detector,
-                provider,
-                sessions,
-                outputs: l.outputs,
-                batcher,
-                explain: l.explain,
-            }),
-        );
+        models.insert(name, Arc::new(model));
     }
     Registry {
         models,

@@ -6,11 +6,12 @@
 //!    answers at once, `/health/ready` says 503 (and guarded proxy routes cannot judge yet).
 //! 3. Sessions are created and warmed up with a dummy batch on a blocking thread; then the
 //!    batching tasks start and the daemon reports ready.
-//! 4. On SIGTERM/SIGINT: not ready any more, the listeners stop accepting, requests in flight
+//! 4. SIGHUP (or `POST /admin/reload`) reloads the model bundles beside the serving ones and
+//!    swaps them in ([`crate::reload`]).
+//! 5. On SIGTERM/SIGINT: not ready any more, the listeners stop accepting, requests in flight
 //!    finish for up to the grace period, the process exits. A model that fails to load also
 //!    shuts the daemon down, with an error.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,11 +36,6 @@ pub enum ServerError {
     Bind {
         addr: SocketAddr,
         key: &'static str,
-        error: std::io::Error,
-    },
-    #[error("the {which} server failed: {error}")]
-    Serve {
-        which: &'static str,
         error: std::io::Error,
     },
     #[error("a start-up task failed: {0}")]
@@ -95,16 +91,31 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     let grace = settings.server.shutdown_grace();
     let state = AppState::new(settings, Arc::clone(&metrics));
     let stop = Shutdown::new();
+    let hangups = tokio::spawn(crate::reload::on_sighup(Arc::clone(&state)));
 
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(addr = %local, "csgd listening on http://{local}");
     let mut servers = tokio::task::JoinSet::new();
-    spawn_server(
+    let limits = state.settings.server.connection_limits();
+    let listeners =
+        1 + usize::from(metrics_listener.is_some()) + usize::from(proxy_listener.is_some());
+    crate::listener::check_open_files(limits.max_connections, listeners);
+    let serve = |servers: &mut tokio::task::JoinSet<Result<(), ServerError>>,
+                 listener: TcpListener,
+                 app: axum::Router,
+                 which: &'static str| {
+        let open = metrics.connections.with_label_values(&[which]);
+        let stopped = stop.wait();
+        servers.spawn(async move {
+            crate::listener::serve(listener, app, limits, open, stopped).await;
+            Ok(())
+        });
+    };
+    serve(
         &mut servers,
         listener,
         http::router(Arc::clone(&state)),
-        &stop,
-        "API",
+        "api",
     );
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr().ok();
@@ -112,14 +123,14 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
         }
         let app = http::metrics_router(Arc::clone(&state));
-        spawn_server(&mut servers, listener, app, &stop, "metrics");
+        serve(&mut servers, listener, app, "metrics");
     }
     if let Some(listener) = proxy_listener {
         let proxy = Proxy::new(Arc::clone(&state))?;
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, upstream = proxy.upstream(), routes = state.settings.proxy.routes.len(), "proxy listening on http://{addr}");
         }
-        spawn_server(&mut servers, listener, proxy::router(proxy), &stop, "proxy");
+        serve(&mut servers, listener, proxy::router(proxy), "proxy");
     }
 
     let loader = tokio::spawn(load(Arc::clone(&state), Arc::clone(&metrics)));
@@ -131,7 +142,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     loop {
         tokio::select! {
             name = &mut signal => {
-                tracing::info!(signal = name, grace_seconds = grace.as_secs(), "shutting down: finishing requests in flight");
+                tracing::info!(signal = name, grace_seconds = grace.as_secs(), in_flight = metrics.in_flight.get(), "shutting down: finishing requests in flight");
                 break;
             }
             result = &mut loader, if !loader_done => {
@@ -154,6 +165,7 @@ pub async fn run(settings: Settings) -> Result<(), ServerError> {
     }
 
     state.set_ready(false);
+    hangups.abort();
     stop.trigger();
     if !loader_done {
         loader.abort();
@@ -186,29 +198,10 @@ async fn load(state: Arc<AppState>, metrics: Arc<Metrics>) -> Result<(), ServerE
         .await
         .map_err(|e| ServerError::Task(e.to_string()))??;
     let registry = registry::start(loaded, &state.settings, &metrics);
-    if state.registry.set(registry).is_err() {
+    if state.registry.swap(Some(Arc::new(registry))).is_some() {
         return Err(ServerError::Task("models loaded twice".into()));
     }
     state.set_ready(true);
     tracing::info!("ready");
     Ok(())
-}
-
-/// Serves `app` on `listener` until `stop` fires, as one task of `servers`. Handlers see the
-/// client's address (`ConnectInfo`), which the proxy passes on in `X-Forwarded-For`.
-fn spawn_server(
-    servers: &mut tokio::task::JoinSet<Result<(), ServerError>>,
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    stop: &Shutdown,
-    which: &'static str,
-) {
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stop.wait());
-    servers.spawn(async move {
-        serve
-            .into_future()
-            .await
-            .map_err(|error| ServerError::Serve { which, error })
-    });
 }

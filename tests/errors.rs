@@ -364,3 +364,108 @@ fn slow_requests_time_out_with_503() {
     // Health is not subject to it.
     assert_eq!(d.get("/health/ready").0, 200);
 }
+
+/// Reads from `stream` until the server closes it or `limit` passes; what it sent.
+fn read_until_closed(stream: &mut std::net::TcpStream, limit: std::time::Duration) -> Vec<u8> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < limit {
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return got,
+        }
+    }
+    panic!("the connection was still open after {limit:?}");
+}
+
+#[test]
+fn slow_and_oversized_request_heads_and_connection_floods_are_bounded() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let d = Daemon::start(
+        &[
+            ("server.header_read_timeout_ms", "500"),
+            ("server.max_header_bytes", "16384"),
+            ("server.max_connections", "4"),
+        ],
+        &[],
+    );
+    let addr = d.base.trim_start_matches("http://").to_owned();
+
+    // A head trickled a byte at a time is cut off after the timeout, without an answer.
+    let mut slow = TcpStream::connect(&addr).unwrap();
+    let started = Instant::now();
+    for byte in b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nX-Slow: 0123456789" {
+        if slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(40));
+    }
+    let got = read_until_closed(&mut slow, Duration::from_secs(5));
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A head that fills server.max_header_bytes without ending gets 431. Exactly that many
+    // bytes, so the daemon has read all of them when it closes (unread bytes would make the
+    // kernel reset the connection and drop the answer).
+    let mut big = TcpStream::connect(&addr).unwrap();
+    let mut head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    head.resize(16384, b'a');
+    big.write_all(&head).unwrap();
+    let got = read_until_closed(&mut big, Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+
+    // Four connections held open take every slot: a fifth waits until one closes.
+    let live = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(live).unwrap();
+            s
+        })
+        .collect();
+    for s in &mut held {
+        use std::io::Read;
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    }
+    let mut fifth = TcpStream::connect(&addr).unwrap();
+    fifth.write_all(live).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        std::io::Read::read(&mut fifth, &mut buf).is_err(),
+        "a fifth connection was served beyond server.max_connections = 4"
+    );
+    held.pop();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = std::io::Read::read(&mut fifth, &mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(held);
+    drop(fifth);
+    // The daemon serves as before.
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.get("/health/ready").0, 200);
+}

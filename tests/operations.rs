@@ -1,8 +1,10 @@
 //! Operations: metrics change as requests arrive (and pass `promtool check metrics` when it is
-//! installed), and SIGTERM drains requests in flight.
+//! installed), and SIGTERM drains requests in flight, also under load.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -141,4 +143,99 @@ fn sigterm_drains_requests_in_flight() {
     assert_eq!(d.get("/health/live").0, 0);
     let log = d.log.lock().unwrap().clone();
     assert!(log.contains("SIGTERM"), "{log}");
+}
+
+/// One client request of the load below: whether it was answered before SIGTERM was sent,
+/// and its status (0: no HTTP answer at all).
+struct Outcome {
+    before_signal: bool,
+    status: u16,
+    body: String,
+}
+
+#[test]
+fn sigterm_under_load_answers_every_accepted_request() {
+    let mut d = Daemon::start(&[("server.shutdown_grace_seconds", "20")], &[]);
+    let (images, _) = fashion_test(8);
+    let signalled = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = images
+        .iter()
+        .map(|image| {
+            let (url, body, signalled) = (d.url("/v1/detect"), png(image), Arc::clone(&signalled));
+            thread::spawn(move || {
+                let agent = common::agent();
+                let mut outcomes = Vec::new();
+                let mut after_signal = 0;
+                // Until the daemon stops answering, or 200 requests after the signal.
+                while after_signal < 200 {
+                    let (status, text) = common::post_url(&agent, &url, "image/png", &body);
+                    let before_signal = !signalled.load(Ordering::SeqCst);
+                    after_signal += usize::from(!before_signal);
+                    outcomes.push(Outcome {
+                        before_signal,
+                        status,
+                        body: text,
+                    });
+                    if status == 0 && !before_signal {
+                        break;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    // The flag goes up first: an answer counted as before the signal certainly was.
+    signalled.store(true, Ordering::SeqCst);
+    let signal_sent = Instant::now();
+    d.sigterm();
+    let code = d.wait_exit(Duration::from_secs(20));
+    let exited_after = signal_sent.elapsed();
+    let outcomes: Vec<Outcome> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let log = d.log.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "exit code; log:\n{log}");
+    assert!(exited_after < Duration::from_secs(20), "{exited_after:?}");
+
+    let before: Vec<&Outcome> = outcomes.iter().filter(|o| o.before_signal).collect();
+    assert!(before.len() > 20, "the load ran: {} answers", before.len());
+    for o in &before {
+        assert_eq!(o.status, 200, "before the signal: {}", o.body);
+    }
+    // After it: complete answers (200, or 503 for a request that arrived while draining) or
+    // no answer at all once the listener is gone; never another error.
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| !o.before_signal).collect();
+    for o in &after {
+        assert!(
+            matches!(o.status, 0 | 200 | 503),
+            "after the signal: {} {}",
+            o.status,
+            o.body
+        );
+        if o.status == 503 {
+            assert!(o.body.contains("shutting_down"), "{}", o.body);
+        }
+    }
+    // Every request in flight when the signal arrived was answered in full.
+    let in_flight: usize = log
+        .lines()
+        .find(|l| l.contains("shutting down"))
+        .and_then(|l| l.split("in_flight=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no in-flight count in the log:\n{log}"));
+    let completed_after = after.iter().filter(|o| o.status == 200).count();
+    assert!(
+        completed_after >= in_flight,
+        "{in_flight} in flight at SIGTERM, {completed_after} answered 200 after it"
+    );
+    eprintln!(
+        "shutdown under load: {} answers before SIGTERM, {in_flight} in flight at it, {completed_after} answered 200 after it, {} 503, {} refused; exit after {exited_after:?}",
+        before.len(),
+        after.iter().filter(|o| o.status == 503).count(),
+        after.iter().filter(|o| o.status == 0).count(),
+    );
+    assert!(log.contains("all requests finished"), "{log}");
 }

@@ -65,6 +65,11 @@ fn invalid_config_values_name_their_key() {
         &[],
         &["max_batch_sise"],
     );
+    fails(
+        &args(&["--set", "admin.enabled=true"]),
+        &[],
+        &["admin.token must be at least 16 characters"],
+    );
     if !cfg!(feature = "gpu") {
         fails(
             &args(&["--provider", "cuda"]),
@@ -179,4 +184,16 @@ fn missing_or_broken_models_are_clear_errors() {
             &["bad-gate.onnx", "gate is"],
         );
     }
+
+    // Valid ONNX, metadata of a schema this build does not read.
+    let mut meta = csg_bundle::onnx::read_meta(&model_path()).unwrap();
+    meta.schema = "csgd.bundle.v9".into();
+    csg_bundle::onnx::set_meta(&mut model, &meta);
+    let future = dir.path().join("future-schema.onnx");
+    csg_bundle::onnx::write_model(&future, &model).unwrap();
+    fails(
+        &model_args(future.to_str().unwrap()),
+        &[],
+        &["future-schema.onnx", "csgd.bundle.v9"],
+    );
 }

@@ -24,6 +24,9 @@ pub struct Spec {
     pub sets: Vec<String>,
 }
 
+/// USER_HZ, the unit of /proc's CPU times: 100 on every Linux architecture csgd builds for.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
 pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
@@ -105,6 +108,22 @@ impl Daemon {
             Ok(kib / 1024.0)
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// CPU time the daemon has used so far (user + system, all threads), in seconds.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // The command name (field 2) is in parentheses and may hold spaces; count after it.
+        let (_, rest) = stat.rsplit_once(')').context("unreadable /proc/PID/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of proc(5); `fields[0]` is field 3.
+        let ticks = |field: usize| -> Result<f64> {
+            fields
+                .get(field - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("field {field} of /proc/PID/stat"))
+        };
+        Ok((ticks(14)? + ticks(15)?) / CLOCK_TICKS_PER_SECOND)
     }
 
     /// SIGTERM, then wait (SIGKILL after 10 s).

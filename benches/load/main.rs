@@ -7,8 +7,10 @@
 //! what the targets are stated in. Every figure is a median over the rounds.
 
 mod client;
+mod cost;
 mod daemon;
 mod limit;
+mod reliability;
 mod report;
 
 use std::io::Cursor;
@@ -44,6 +46,8 @@ enum Cmd {
         #[arg(long, default_value_t = 240)]
         images: usize,
     },
+    /// Soak at a fraction of saturation, then overload at a multiple of it (issue 8).
+    Reliability(reliability::ReliabilityArgs),
     /// Merge suite results into one JSON file and a Markdown table.
     Table {
         inputs: Vec<PathBuf>,
@@ -74,6 +78,12 @@ pub struct SuiteArgs {
     /// Seconds per throughput measurement.
     #[arg(long, default_value_t = 5.0)]
     secs: f64,
+    /// Alternating detect/classify pairs for the detection cost.
+    #[arg(long, default_value_t = 8)]
+    cost_pairs: usize,
+    /// Seconds per run of a detection-cost pair.
+    #[arg(long, default_value_t = 3.0)]
+    cost_secs: f64,
     /// Seconds per fixed-rate latency measurement.
     #[arg(long, default_value_t = 10.0)]
     latency_secs: f64,
@@ -110,6 +120,16 @@ fn main() -> Result<()> {
             images,
         }) => stand_in_calibration(&model, &ort_library, images),
         Some(Cmd::Table { inputs, json, md }) => report::table(&inputs, &json, &md),
+        Some(Cmd::Reliability(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(reliability::run(&args))?;
+            std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+            println!("{}", serde_json::to_string_pretty(&result["summary"])?);
+            Ok(())
+        }
         Some(Cmd::Suite(args)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -159,7 +179,7 @@ fn synthetic_png(spec: &csg_bundle::InputSpec, seed: u32) -> Result<Vec<u8>> {
 
 /// The request images: Fashion-MNIST test images for a 28×28 grayscale model when the
 /// Debian package is installed, synthetic ones otherwise.
-fn request_pngs(meta: &csg_bundle::BundleMeta, n: usize) -> Result<Vec<Vec<u8>>> {
+pub(crate) fn request_pngs(meta: &csg_bundle::BundleMeta, n: usize) -> Result<Vec<Vec<u8>>> {
     let spec = &meta.input;
     if (spec.channels, spec.height, spec.width) == (1, 28, 28) {
         let dir = Path::new(csg_bundle::dataset::DEFAULT_DATA_DIR);
@@ -255,7 +275,7 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     Ok(())
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return f64::NAN;
@@ -269,7 +289,7 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -441,6 +461,17 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
     }
     let saturated = median(&bat);
 
+    eprintln!("[{}] detection cost: detect vs classify pairs", a.label);
+    let cost = cost::measure(
+        &batched,
+        &detect,
+        &classify,
+        a.conns,
+        a.cost_pairs,
+        Duration::from_secs_f64(a.cost_secs),
+    )
+    .await?;
+
     // Each latency level is a fraction of the saturated rate measured just before it: the
     // capacity of a shared machine drifts, and a rate above it only measures a growing queue.
     let mut latency = Vec::new();
@@ -517,13 +548,15 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
         "ratios": {
             "batched_vs_limit": median(&r_bat),
             "unbatched_vs_limit": median(&r_unb),
-            "detect_vs_classify": median(&r_det),
-            "detection_cost": 1.0 - median(&r_det),
+            "detect_vs_classify_rounds": median(&r_det),
+            "detection_cost": cost.throughput,
+            "detection_cost_cpu": cost.cpu,
         },
+        "detection_cost": cost,
         "ratios_of_medians": {
             "batched_vs_limit": saturated / lim_m,
             "unbatched_vs_limit": median(&unb) / lim_m,
-            "detection_cost": 1.0 - saturated / cls_m,
+            "detection_cost_rounds": 1.0 - saturated / cls_m,
         },
         "latency": latency,
         "memory_mib": {"idle": idle_rss, "conns": a.idle_conns, "with_conns": conns_rss, "peak": peak_rss},

@@ -16,14 +16,18 @@ fn pct(x: f64) -> String {
     format!("{:.0} %", x * 100.0)
 }
 
+fn pct1(x: f64) -> String {
+    format!("{:.1} %", x * 100.0)
+}
+
 /// Two tables: throughput and ratios; latency, memory and start-up.
 pub fn markdown(results: &[Value]) -> String {
     let mut s = String::from(
-        "| model | limit img/s (batch) | csgd batched img/s | ÷ limit | csgd unbatched img/s | ÷ limit | classify img/s | detection cost |\n|---|---|---|---|---|---|---|---|\n",
+        "| model | limit img/s (batch) | csgd batched img/s | ÷ limit | csgd unbatched img/s | ÷ limit | classify img/s | detection cost: throughput · CPU per image |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         s += &format!(
-            "| {} | {:.1} ({}{}) | {:.1} | **{}** | {:.1} | {} | {:.1} | **{}** |\n",
+            "| {} | {:.1} ({}{}) | {:.1} | **{}** | {:.1} | {} | {:.1} | {} · **{}** ({:.1} vs {:.1} µs) |\n",
             r["label"].as_str().unwrap_or("?"),
             num(r, &["limit", "ips"]),
             r["limit"]["best_batch"],
@@ -37,7 +41,10 @@ pub fn markdown(results: &[Value]) -> String {
             num(r, &["csgd_unbatched_ips"]),
             pct(num(r, &["ratios", "unbatched_vs_limit"])),
             num(r, &["classify_ips"]),
-            pct(num(r, &["ratios", "detection_cost"])),
+            pct1(num(r, &["ratios", "detection_cost"])),
+            pct1(num(r, &["ratios", "detection_cost_cpu"])),
+            num(r, &["detection_cost", "detect_cpu_us_per_image"]),
+            num(r, &["detection_cost", "classify_cpu_us_per_image"]),
         );
     }
     s += "\n| model | p50 / p90 / p99 ms at 25 % | at 50 % | at 90 % | p99 ÷ p50 at 50 % | RSS idle MiB | RSS, 1,000 conns | ready s | load avg before → after |\n|---|---|---|---|---|---|---|---|---|\n";

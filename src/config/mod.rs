@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::detect::ScoreKind;
 
+mod admin;
 mod proxy;
 mod threads;
+pub use admin::{AdminConfig, Secret};
 pub use proxy::{FailurePolicy, ImageSource, Policy, ProxyConfig, ProxyRoute};
 pub use threads::{ThreadsConfig, cores};
 
@@ -62,6 +64,7 @@ pub struct Settings {
     pub threads: ThreadsConfig,
     pub logging: LoggingConfig,
     pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +79,9 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     pub max_concurrent_requests: usize,
     pub shutdown_grace_seconds: u64,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub max_header_bytes: usize,
 }
 
 impl ServerConfig {
@@ -94,6 +100,15 @@ impl ServerConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The limits of each listener's connections.
+    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
+        crate::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            max_header_bytes: self.max_header_bytes,
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -418,6 +433,8 @@ impl Settings {
                 s.max_images_per_request as u64,
             ),
             ("server.request_timeout_ms", s.request_timeout_ms),
+            ("server.max_connections", s.max_connections as u64),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
             (
                 "server.max_concurrent_requests",
                 s.max_concurrent_requests as u64,
@@ -450,6 +467,19 @@ impl Settings {
                 format!("must be ≤ {MAX_PERMITS}"),
             ));
         }
+        // hyper's floor for its read buffer (it panics below it).
+        if !(8192..=16 << 20).contains(&s.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                "must be between 8192 and 16777216",
+            ));
+        }
+        if s.max_connections > MAX_PERMITS {
+            return Err(invalid(
+                "server.max_connections",
+                format!("must be ≤ {MAX_PERMITS}"),
+            ));
+        }
         if self.batching.max_batch_size > 65_536 {
             return Err(invalid("batching.max_batch_size", "must be ≤ 65536"));
         }
@@ -477,6 +507,7 @@ impl Settings {
         self.proxy.validate(&others, &names)?;
         self.runtime.validate()?;
         self.threads.validate()?;
+        self.admin.validate()?;
         if !valid_log_filter(&self.logging.level) {
             return Err(invalid(
                 "logging.level",

@@ -20,10 +20,10 @@ use crate::detect::{Sample, Verdict};
 use crate::registry::ServedModel;
 
 /// The model a request names (or the default), once the daemon is ready and not draining.
-pub(crate) fn resolve<'a>(
-    state: &'a AppState,
-    name: Option<&str>,
-) -> Result<&'a Arc<ServedModel>, ApiError> {
+///
+/// The caller holds the model for the whole request: a hot reload that swaps the registry
+/// meanwhile does not change the model a request started on.
+pub(crate) fn resolve(state: &AppState, name: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
     let registry = state.registry()?;
     if !state.is_ready() {
         return Err(ApiError::new(
@@ -36,7 +36,7 @@ pub(crate) fn resolve<'a>(
         Some(name) => registry.get(name),
         None => registry.default_model(),
     };
-    found.ok_or_else(|| {
+    found.cloned().ok_or_else(|| {
         ApiError::unknown_model(name.unwrap_or(registry.default_name()), &registry.names())
     })
 }
@@ -53,7 +53,7 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let model = match resolve(&state, name.as_deref()) {
-        Ok(m) => Arc::clone(m),
+        Ok(m) => m,
         Err(e) => return e.into_response(),
     };
     let run = handle(Arc::clone(&state), Arc::clone(&model));

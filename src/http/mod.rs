@@ -6,6 +6,7 @@
 //! Every response passes through [`track`], which counts it by model, route template and
 //! status, times it, and counts failures by their error kind, so no handler can forget to.
 
+pub mod admin;
 pub(crate) mod detection;
 pub mod error;
 pub mod explain;
@@ -13,10 +14,11 @@ pub(crate) mod input;
 pub mod v1;
 pub mod v2;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use arc_swap::ArcSwapOption;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
@@ -35,8 +37,11 @@ pub use error::ApiError;
 pub struct AppState {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    /// Set once every model is loaded and warmed up.
-    pub registry: OnceLock<Registry>,
+    /// Set once every model is loaded and warmed up; replaced whole by a hot reload
+    /// ([`crate::reload`]), while requests keep the models they resolved.
+    pub registry: ArcSwapOption<Registry>,
+    /// Held by the reload in progress: one at a time.
+    pub reloading: tokio::sync::Mutex<()>,
     /// True between warm-up and the start of shutdown.
     pub ready: AtomicBool,
     /// Detection requests in progress (server.max_concurrent_requests).
@@ -49,14 +54,15 @@ impl AppState {
         Arc::new(AppState {
             settings,
             metrics,
-            registry: OnceLock::new(),
+            registry: ArcSwapOption::empty(),
+            reloading: tokio::sync::Mutex::new(()),
             ready: AtomicBool::new(false),
             limiter: Arc::new(Semaphore::new(permits)),
         })
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.registry.get().is_some()
+        self.ready.load(Ordering::Acquire) && self.registry.load().is_some()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -64,8 +70,8 @@ impl AppState {
         self.metrics.ready.set(i64::from(ready));
     }
 
-    fn registry(&self) -> Result<&Registry, ApiError> {
-        self.registry.get().ok_or_else(ApiError::not_ready)
+    fn registry(&self) -> Result<Arc<Registry>, ApiError> {
+        self.registry.load_full().ok_or_else(ApiError::not_ready)
     }
 }
 
@@ -76,6 +82,12 @@ pub struct ModelLabel(pub String);
 
 /// The API router (also serves /metrics and /health/*).
 pub fn router(state: Arc<AppState>) -> Router {
+    // Off by default: without `admin.enabled` the route does not exist (404).
+    let admin = if state.settings.admin.enabled {
+        Router::new().route("/admin/reload", post(admin::reload))
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/v1/detect", post(v1::detect_default))
         .route("/v1/models", get(list_models))
@@ -87,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{name}/explain", post(explain::explain_named))
         .merge(v2::routes())
         .merge(ops_routes())
+        .merge(admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read under our own limit, which answers with the key to raise.

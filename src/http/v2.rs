@@ -114,7 +114,7 @@ fn find_model(state: &AppState, path: ModelPath) -> Result<Arc<ServedModel>, Api
             ),
         ));
     }
-    Ok(Arc::clone(model))
+    Ok(model)
 }
 
 async fn server_metadata() -> Json<Value> {

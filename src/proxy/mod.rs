@@ -166,7 +166,7 @@ async fn judge(app: &AppState, route: &Route, parts: &Parts, bytes: Bytes) -> Ju
         }
     };
     let model = match detection::resolve(app, route.model.as_deref()) {
-        Ok(m) => Arc::clone(m),
+        Ok(m) => m,
         Err(e) => return Judgement::Unchecked(e),
     };
     let admitted = match detection::admit(app) {
