@@ -243,12 +243,33 @@ where
         write(&mut out)?;
         out.flush().map_err(io_err(path))?;
     }
+    // tempfile creates files only its owner can read, and a bundle is usually read by another
+    // user (the daemon's service account): keep the mode of the file being replaced, or give
+    // a new one the usual rw-r--r--.
+    let permissions = match std::fs::metadata(path) {
+        Ok(existing) => existing.permissions(),
+        Err(_) => new_file_permissions(tmp.as_file()).map_err(io_err(path))?,
+    };
+    tmp.as_file()
+        .set_permissions(permissions)
+        .map_err(io_err(path))?;
     tmp.as_file().sync_all().map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| BundleError::Io {
         path: path.to_path_buf(),
         source: e.error,
     })?;
     Ok(())
+}
+
+#[cfg(unix)]
+fn new_file_permissions(_: &std::fs::File) -> std::io::Result<std::fs::Permissions> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn new_file_permissions(file: &std::fs::File) -> std::io::Result<std::fs::Permissions> {
+    Ok(file.metadata()?.permissions())
 }
 
 #[cfg(test)]
@@ -342,5 +363,20 @@ mod tests {
         let before = std::fs::read(&garbage).unwrap();
         assert!(write_meta(&garbage, &sample()).is_err());
         assert_eq!(std::fs::read(&garbage).unwrap(), before);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_are_readable_by_others_and_keep_an_existing_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.onnx");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        write_atomically(&path, |out| Ok(out.write_all(b"one").unwrap())).unwrap();
+        assert_eq!(mode(&path), 0o644);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomically(&path, |out| Ok(out.write_all(b"two").unwrap())).unwrap();
+        assert_eq!(mode(&path), 0o640);
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
     }
 }
