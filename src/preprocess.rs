@@ -237,6 +237,17 @@ pub fn tensor_from_json(
 }
 
 /// Depth-first flattening that checks every sub-array has the shape of the first.
+/// Largest magnitude accepted in a raw tensor. Tensors arrive normalised (a pixel in [0, 1]
+/// minus a mean, over a std: single digits); far larger values are a client bug or an attack
+/// on the arithmetic (overflow to ∞ in the first layers, NaN logits), refused rather than
+/// answered with a meaningless verdict.
+pub const MAX_ABS_TENSOR_VALUE: f32 = 1e4;
+
+/// Whether `x` may be fed to a model as a raw tensor value.
+pub fn acceptable_tensor_value(x: f32) -> bool {
+    x.is_finite() && x.abs() <= MAX_ABS_TENSOR_VALUE
+}
+
 fn flatten(
     value: &Value,
     shape: &[usize],
@@ -248,9 +259,9 @@ fn flatten(
             .as_f64()
             .ok_or_else(|| PreprocessError::Shape(format!("{value} is not a number")))?;
         let x = x as f32;
-        if !x.is_finite() {
+        if !acceptable_tensor_value(x) {
             return Err(PreprocessError::Shape(format!(
-                "{value} is not a finite 32-bit float"
+                "{value} is not a finite number within ±{MAX_ABS_TENSOR_VALUE} (tensors are normalised pixels)"
             )));
         }
         out.push(x);

@@ -39,8 +39,16 @@ fuzz_target!(|data: &[u8]| {
         0 => (ImageSource::Raw, "image/png", ""),
         1 => (ImageSource::Raw, "image/jpeg", ""),
         2 => (ImageSource::Raw, "", ""),
-        3 => (ImageSource::Multipart, "multipart/form-data; boundary=b", ""),
-        4 => (ImageSource::Multipart, "multipart/form-data; boundary=b", "image"),
+        3 => (
+            ImageSource::Multipart,
+            "multipart/form-data; boundary=b",
+            "",
+        ),
+        4 => (
+            ImageSource::Multipart,
+            "multipart/form-data; boundary=b",
+            "image",
+        ),
         5 => (ImageSource::Json, "application/json", "/image"),
         6 => (ImageSource::V2, "application/json", ""),
         _ => (ImageSource::V2, "application/octet-stream", "input"),

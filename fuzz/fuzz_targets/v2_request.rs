@@ -10,8 +10,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Odd selectors send the binary extension's length header, some fraction of the body.
-    let declared = (selector & 1 == 1)
-        .then(|| ((body.len() * usize::from(selector >> 1)) / 128).to_string());
+    let declared =
+        (selector & 1 == 1).then(|| ((body.len() * usize::from(selector >> 1)) / 128).to_string());
     match csgd::oip::header_length(declared.as_deref().map(str::as_bytes), body.len()) {
         Ok(json_len) => {
             let _ = csgd::oip::parse_request(body, json_len);

@@ -336,10 +336,16 @@ pub(crate) fn input_tensors(
             if n > max_images {
                 return Err(input::too_many_images(n, max_images));
             }
-            if let Some(x) = values.iter().find(|x| !x.is_finite()) {
+            if let Some(x) = values
+                .iter()
+                .find(|x| !crate::preprocess::acceptable_tensor_value(**x))
+            {
                 return Err(bad(
                     "wrong_shape",
-                    format!("input {name:?} holds {x}, not a finite number"),
+                    format!(
+                        "input {name:?} holds {x}, not a finite number within ±{} (tensors are normalised pixels)",
+                        crate::preprocess::MAX_ABS_TENSOR_VALUE
+                    ),
                 ));
             }
             Ok(values.chunks(spec.len()).map(<[f32]>::to_vec).collect())

@@ -372,10 +372,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bundle.onnx");
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        write_atomically(&path, |out| Ok(out.write_all(b"one").unwrap())).unwrap();
+        write_atomically(&path, |out| out.write_all(b"one").map_err(io_err(&path))).unwrap();
         assert_eq!(mode(&path), 0o644);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
-        write_atomically(&path, |out| Ok(out.write_all(b"two").unwrap())).unwrap();
+        write_atomically(&path, |out| out.write_all(b"two").map_err(io_err(&path))).unwrap();
         assert_eq!(mode(&path), 0o640);
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
     }
