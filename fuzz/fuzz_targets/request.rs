@@ -20,15 +20,7 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 });
 
 fn spec() -> csg_bundle::InputSpec {
-    csg_bundle::InputSpec {
-        layout: "NCHW".into(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        value_range: [0.0, 1.0],
-        mean: vec![0.286],
-        std: vec![0.353],
-    }
+    csg_bundle::InputSpec::grayscale(28, 28, 0.286, 0.353)
 }
 
 fuzz_target!(|data: &[u8]| {

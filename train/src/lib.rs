@@ -23,13 +23,5 @@ pub fn device() -> Device {
 
 /// The Fashion-MNIST input spec: 1×28×28, pixels / 255, then the dataset's mean and std.
 pub fn fashion_input(mean: f32, std: f32) -> csg_bundle::InputSpec {
-    csg_bundle::InputSpec {
-        layout: "NCHW".into(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        value_range: [0.0, 1.0],
-        mean: vec![mean],
-        std: vec![std],
-    }
+    csg_bundle::InputSpec::grayscale(28, 28, mean, std)
 }

@@ -58,6 +58,19 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
+    /// A one-channel NCHW spec: pixels scaled to [0, 1], then `(x − mean) / std`.
+    pub fn grayscale(height: usize, width: usize, mean: f32, std: f32) -> Self {
+        Self {
+            layout: "NCHW".into(),
+            channels: 1,
+            height,
+            width,
+            value_range: [0.0, 1.0],
+            mean: vec![mean],
+            std: vec![std],
+        }
+    }
+
     /// Element count of one image.
     pub fn len(&self) -> usize {
         self.channels * self.height * self.width
