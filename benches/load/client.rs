@@ -129,7 +129,8 @@ pub struct Run {
     pub p99_ms: f64,
 }
 
-fn percentile(sorted: &[Duration], q: f64) -> f64 {
+/// The `q` quantile of sorted latencies, in milliseconds.
+pub fn percentile(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -186,11 +187,67 @@ pub async fn closed_loop(
     gather(tasks, secs).await
 }
 
+/// What one scheduled request got: its status, or `None` when the connection failed (refused,
+/// reset, closed before the answer), and its latency.
+pub struct Answer {
+    pub status: Option<u16>,
+    pub latency: Duration,
+}
+
 /// Requests at a fixed `rate` per second for `secs`, spread over `conns` connections (each
 /// takes every conns-th slot of the schedule). When the connection was still busy at a
 /// request's scheduled time, its latency counts from that time, so a slow answer that delays
 /// the next send is charged to it (no coordinated omission); otherwise from the moment it is
-/// sent, so the timer's millisecond granularity is not charged to the daemon.
+/// sent, so the timer's millisecond granularity is not charged to the daemon. A failed
+/// connection is recorded and reopened for the next slot.
+pub async fn scheduled(
+    addr: std::net::SocketAddr,
+    requests: Arc<Vec<Request>>,
+    conns: usize,
+    rate: f64,
+    secs: Duration,
+) -> Result<Vec<Answer>> {
+    let start = Instant::now() + Duration::from_millis(200);
+    let total = (rate * secs.as_secs_f64()).round() as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conns.min(total.max(1)) {
+        let requests = Arc::clone(&requests);
+        tasks.spawn(async move {
+            let mut conn: Option<Conn> = None;
+            let mut answers = Vec::new();
+            for slot in (c..total).step_by(conns) {
+                let due = start + interval * slot as u32;
+                let late = Instant::now() > due;
+                tokio::time::sleep_until(due.into()).await;
+                let from = if late { due } else { Instant::now() };
+                if conn.is_none() {
+                    conn = Conn::open(addr).await.ok();
+                }
+                let status = match conn.as_mut() {
+                    Some(open) => open.call(&requests[slot % requests.len()]).await.ok(),
+                    None => None,
+                };
+                if status.is_none() {
+                    conn = None;
+                }
+                answers.push(Answer {
+                    status,
+                    latency: from.elapsed(),
+                });
+            }
+            answers
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        answers.extend(done?);
+    }
+    Ok(answers)
+}
+
+/// [`scheduled`] for the latency levels: latency of the 200s; any failed connection is an
+/// error of the measurement.
 pub async fn open_loop(
     addr: std::net::SocketAddr,
     requests: Arc<Vec<Request>>,
@@ -198,31 +255,16 @@ pub async fn open_loop(
     rate: f64,
     secs: Duration,
 ) -> Result<Run> {
-    let start = Instant::now() + Duration::from_millis(200);
-    let total = (rate * secs.as_secs_f64()).round() as usize;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..conns {
-        let requests = Arc::clone(&requests);
-        tasks.spawn(async move {
-            let mut conn = Conn::open(addr).await?;
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
-            for slot in (c..total).step_by(conns) {
-                let due = start + interval * slot as u32;
-                let late = Instant::now() > due;
-                tokio::time::sleep_until(due.into()).await;
-                let from = if late { due } else { Instant::now() };
-                let status = conn.call(&requests[slot % requests.len()]).await?;
-                if status == 200 {
-                    lat.push(from.elapsed());
-                } else {
-                    errors += 1;
-                }
-            }
-            anyhow::Ok((lat, errors))
-        });
+    let answers = scheduled(addr, requests, conns, rate, secs).await?;
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for answer in answers {
+        match answer.status {
+            Some(200) => lat.push(answer.latency),
+            Some(_) => errors += 1,
+            None => bail!("a connection failed during the fixed-rate run"),
+        }
     }
-    gather(tasks, secs).await
+    Ok(summarise(lat, errors, secs))
 }
 
 async fn gather(

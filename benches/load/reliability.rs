@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::client::{self, Conn, Request};
+use crate::client::{self, Request};
 use crate::daemon::{Daemon, Spec};
 use crate::{median, request_pngs};
 
@@ -81,16 +81,12 @@ struct Sample {
 }
 
 fn percentile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
     v.sort_unstable();
-    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
-    v[i.min(v.len() - 1)].as_secs_f64() * 1e3
+    client::percentile(&v, q)
 }
 
-/// `rate` requests per second for `secs` over `conns` connections, latency from the scheduled
-/// send time (no coordinated omission); failed connections are counted and reopened.
+/// `rate` requests per second for `secs` over `conns` connections ([`client::scheduled`]):
+/// every status counted, failed connections counted and reopened.
 async fn open_loop(
     addr: std::net::SocketAddr,
     requests: Arc<Vec<Request>>,
@@ -98,56 +94,27 @@ async fn open_loop(
     rate: f64,
     secs: f64,
 ) -> Result<Phase> {
-    let start = Instant::now() + Duration::from_millis(200);
-    let total = (rate * secs).round() as usize;
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..conns.min(total.max(1)) {
-        let requests = Arc::clone(&requests);
-        tasks.spawn(async move {
-            let mut conn: Option<Conn> = None;
-            let mut seen = Vec::new();
-            let mut transport_errors = 0u64;
-            for slot in (c..total).step_by(conns) {
-                let due = start + interval * slot as u32;
-                tokio::time::sleep_until(due.into()).await;
-                if conn.is_none() {
-                    conn = Conn::open(addr).await.ok();
-                }
-                let Some(open) = conn.as_mut() else {
-                    transport_errors += 1;
-                    continue;
-                };
-                match open.call(&requests[slot % requests.len()]).await {
-                    Ok(status) => seen.push((status, due.elapsed())),
-                    Err(_) => {
-                        transport_errors += 1;
-                        conn = None;
-                    }
-                }
-            }
-            (seen, transport_errors)
-        });
-    }
+    let answers =
+        client::scheduled(addr, requests, conns, rate, Duration::from_secs_f64(secs)).await?;
     let mut phase = Phase {
         rate,
         secs,
+        sent: answers.len() as u64,
         ..Default::default()
     };
     let (mut ok, mut rejected) = (Vec::new(), Vec::new());
-    while let Some(done) = tasks.join_next().await {
-        let (seen, errors) = done?;
-        phase.transport_errors += errors;
-        for (status, latency) in seen {
-            *phase.statuses.entry(status).or_default() += 1;
-            match status {
-                200 => ok.push(latency),
-                429 => rejected.push(latency),
-                _ => {}
-            }
+    for answer in answers {
+        let Some(status) = answer.status else {
+            phase.transport_errors += 1;
+            continue;
+        };
+        *phase.statuses.entry(status).or_default() += 1;
+        match status {
+            200 => ok.push(answer.latency),
+            429 => rejected.push(answer.latency),
+            _ => {}
         }
     }
-    phase.sent = phase.statuses.values().sum::<u64>() + phase.transport_errors;
     phase.ok_p50_ms = percentile_ms(ok.clone(), 0.5);
     phase.ok_p99_ms = percentile_ms(ok, 0.99);
     phase.rejected_p50_ms = percentile_ms(rejected.clone(), 0.5);
