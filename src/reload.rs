@@ -89,12 +89,11 @@ async fn load_and_swap(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     }
     let started = Instant::now();
     let settings = state.settings.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        registry::preflight(&settings)?;
-        registry::load_sessions(&settings)
-    })
-    .await
-    .map_err(|e| ReloadError::Task(e.to_string()))??;
+    // No `preflight` here: `load_sessions` reads and checks each bundle's metadata before
+    // creating its sessions, and the library is already loaded.
+    let loaded = tokio::task::spawn_blocking(move || registry::load_sessions(&settings))
+        .await
+        .map_err(|e| ReloadError::Task(e.to_string()))??;
     // A shutdown may have begun while the bundles loaded; it owns the registry now.
     if !state.is_ready() {
         return Err(ReloadError::NotServing);
