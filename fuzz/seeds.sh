@@ -22,6 +22,9 @@ def w(target, name, data):
 # request: first byte selects the form (see fuzz_targets/request.rs).
 w("request", "raw-png", b"\x00" + png)
 w("request", "raw-sniffed", b"\x02" + png)
+# An animated PNG (refused) and a CMYK JPEG (converted): decoder paths of their own.
+w("request", "raw-apng", b"\x00" + open("tests/data/hostile/animated.png", "rb").read())
+w("request", "raw-cmyk-jpeg", b"\x01" + open("tests/data/hostile/cmyk.jpg", "rb").read())
 part = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
         b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--b--\r\n")
 w("request", "multipart-any", b"\x03" + part)

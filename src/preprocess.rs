@@ -12,6 +12,7 @@
 use std::io::Cursor;
 
 use csg_bundle::InputSpec;
+use image::codecs::png::PngDecoder;
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageFormat, ImageReader};
 use serde_json::Value;
@@ -36,6 +37,11 @@ pub enum PreprocessError {
     /// The bytes are not a decodable image of the declared or sniffed format (HTTP 422).
     #[error("undecodable image: {0}")]
     Undecodable(String),
+    /// An animated PNG (HTTP 422). Refused rather than judged on its default frame: a client
+    /// behind the sidecar that shows or classifies another frame would see an image csgd never
+    /// judged.
+    #[error("animated PNG (APNG) is not supported: send a single still frame")]
+    Animated,
     /// A tensor of the wrong shape or with non-finite values (HTTP 422).
     #[error("wrong tensor: {0}")]
     Shape(String),
@@ -118,9 +124,21 @@ pub fn decode_image(
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(1 << 20));
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
-    reader.limits(limits);
-    reader.decode().map_err(undecodable)
+    match format {
+        Format::Png => {
+            let decoder =
+                PngDecoder::with_limits(Cursor::new(bytes), limits).map_err(undecodable)?;
+            if decoder.is_apng().map_err(undecodable)? {
+                return Err(PreprocessError::Animated);
+            }
+            DynamicImage::from_decoder(decoder).map_err(undecodable)
+        }
+        Format::Jpeg => {
+            let mut reader = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg);
+            reader.limits(limits);
+            reader.decode().map_err(undecodable)
+        }
+    }
 }
 
 /// Converts a decoded image to the model's input: CHW f32, `spec.len()` values.
@@ -413,6 +431,16 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("server.max_pixels"));
+    }
+
+    #[test]
+    fn refuses_animated_png_and_converts_cmyk_jpeg() {
+        let animated = include_bytes!("../tests/data/hostile/animated.png");
+        let err = preprocess_image(animated, None, &gray_spec(28, 28), 1 << 20).unwrap_err();
+        assert_eq!(err, PreprocessError::Animated);
+        let cmyk = include_bytes!("../tests/data/hostile/cmyk.jpg");
+        let image = decode_image(cmyk, Format::Jpeg, 1 << 20).unwrap();
+        assert_eq!((image.width(), image.height()), (28, 28));
     }
 
     #[test]

@@ -78,7 +78,32 @@ fn corrupted_and_unusual_images() {
         assert_eq!(status, 200, "{what}: {text}");
         assert_eq!(parse(&text)["class_id"], class, "{what}");
     }
+
+    // Fixtures made by tests/data/hostile/make.py from the same test image. A CMYK JPEG is
+    // converted; an animated PNG (its second frame another garment) is refused, since a client
+    // that shows another frame would see an image csgd never judged.
+    let cmyk = std::fs::read(hostile_fixture("cmyk.jpg")).unwrap();
+    let (status, text) = d.post("/v1/detect", "image/jpeg", &cmyk);
+    assert_eq!(status, 200, "CMYK JPEG: {text}");
+    assert_eq!(parse(&text)["class_id"], class, "CMYK JPEG");
+    let animated = std::fs::read(hostile_fixture("animated.png")).unwrap();
+    let (status, text) = d.post("/v1/detect", "image/png", &animated);
+    assert_eq!(status, 422, "APNG: {text}");
+    assert_eq!(parse(&text)["kind"], "animated_image", "APNG");
+    assert!(
+        parse(&text)["error"]
+            .as_str()
+            .unwrap()
+            .contains("single still frame"),
+        "{text}"
+    );
     assert_eq!(d.get("/health/ready").0, 200);
+}
+
+fn hostile_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/hostile")
+        .join(name)
 }
 
 #[test]

@@ -104,6 +104,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read under our own limit, which answers with the key to raise.
         .layer(DefaultBodyLimit::disable())
+        // Inside `track`, so a caught panic is counted as the 500 it answers.
+        .layer(error::catch_panic())
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
 }

@@ -66,6 +66,7 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
         .fallback(handle)
         // Guarded bodies are read under server.body_limit_bytes; others are not read at all.
         .layer(DefaultBodyLimit::disable())
+        .layer(crate::http::error::catch_panic())
         .with_state(proxy)
 }
 

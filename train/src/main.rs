@@ -87,6 +87,13 @@ struct TrainArgs {
     /// Keep learning rates constant instead of cosine decay.
     #[arg(long)]
     no_cosine: bool,
+    /// Label smoothing α of the standard path's cross-entropy, in [0, 1); the gated path keeps
+    /// hard labels.
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    /// L2 weight decay of the network's weights (not the gate) in both paths' Adam.
+    #[arg(long)]
+    weight_decay: Option<f32>,
     /// Target gate density μ (official 0.2).
     #[arg(long, default_value_t = 0.2)]
     mu: f64,
@@ -153,6 +160,16 @@ fn run_train(args: TrainArgs) -> Result<()> {
     if args.batch_size == 0 || args.epochs == 0 {
         bail!("--batch-size and --epochs must be positive");
     }
+    if let Some(alpha) = args.label_smoothing
+        && !(0.0..1.0).contains(&alpha)
+    {
+        bail!("--label-smoothing must be in [0, 1), got {alpha}");
+    }
+    if let Some(decay) = args.weight_decay
+        && !(decay.is_finite() && decay >= 0.0)
+    {
+        bail!("--weight-decay must be a finite non-negative number, got {decay}");
+    }
     let schedule = match args.schedule {
         ScheduleKind::Interleave => Schedule::Interleave {
             every: args.interleave_every.max(1),
@@ -175,6 +192,8 @@ fn run_train(args: TrainArgs) -> Result<()> {
         gate_lr: args.gate_lr,
         mask_lr: args.mask_lr.unwrap_or(args.gate_lr),
         cosine: !args.no_cosine,
+        label_smoothing: args.label_smoothing,
+        weight_decay: args.weight_decay,
         gate: GateConfig {
             mu: args.mu,
             lambda: args.lambda,

@@ -6,6 +6,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::module::ParamId;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::{Int, TensorData};
@@ -38,6 +39,14 @@ pub struct TrainConfig {
     pub mask_lr: f64,
     /// Cosine decay of both learning rates to zero over the run.
     pub cosine: bool,
+    /// Label smoothing α of the standard path's cross-entropy (`None`: hard labels). The gated
+    /// path keeps hard labels, the published CSG loss: smoothed targets put a floor under its
+    /// loss, and with it the pressure that makes filters class-specific (measured: MIS fell
+    /// from 0.195 to 0.180 when both paths were smoothed).
+    pub label_smoothing: Option<f32>,
+    /// L2 penalty added to the network weights' gradients by both paths' Adam; the gate
+    /// matrix is exempt (the L1 hinge already shapes it).
+    pub weight_decay: Option<f32>,
     pub gate: GateConfig,
     pub schedule: Schedule,
     pub augment: Augment,
@@ -158,10 +167,15 @@ pub fn train(
 ) -> Result<Trained, crate::model::ModelError> {
     device.seed(config.seed);
     let mut model = Network::new(&config.architecture, config.gated, device)?;
-    let mut standard_optim = AdamConfig::new().init();
-    let mut gated_optim = AdamConfig::new().init();
+    let weights_optim =
+        AdamConfig::new().with_weight_decay(config.weight_decay.map(WeightDecayConfig::new));
+    let mut standard_optim = weights_optim.init();
+    let mut gated_optim = weights_optim.init();
     let mut mask_optim = AdamConfig::new().init();
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let loss_fn = CrossEntropyLossConfig::new()
+        .with_smoothing(config.label_smoothing)
+        .init(device);
+    let gated_loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed);
 
     let per_epoch = train.len().div_ceil(config.batch_size);
@@ -224,7 +238,8 @@ pub fn train(
                 let out = model.forward(x.clone());
                 correct += count_correct(&out.logits, &y);
                 seen += indices.len();
-                let (gated, hinge, mask_id) = gated_terms(&model, &out, &y, &loss_fn, config.gate);
+                let (gated, hinge, mask_id) =
+                    gated_terms(&model, &out, &y, &gated_loss_fn, config.gate);
                 let standard = loss_fn.forward(out.logits, y.clone());
                 std_loss += f64::from(standard.clone().into_scalar::<f32>());
                 std_n += 1;
@@ -248,7 +263,8 @@ pub fn train(
             }
             if matches!(kind, StepKind::Gated | StepKind::StandardThenGated) {
                 let out = model.forward(x);
-                let (gated, hinge, mask_id) = gated_terms(&model, &out, &y, &loss_fn, config.gate);
+                let (gated, hinge, mask_id) =
+                    gated_terms(&model, &out, &y, &gated_loss_fn, config.gate);
                 let loss = gated + hinge;
                 gated_loss += f64::from(loss.clone().into_scalar::<f32>());
                 gated_n += 1;

@@ -33,6 +33,8 @@ pub fn tiny_config(gated: bool, epochs: usize, seed: u64) -> TrainConfig {
         gate_lr: 3e-3,
         mask_lr: 1e-2,
         cosine: true,
+        label_smoothing: None,
+        weight_decay: None,
         gate: GateConfig::default(),
         schedule: Schedule::Interleave { every: 2 },
         augment: Augment {
