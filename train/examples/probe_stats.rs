@@ -7,6 +7,7 @@
 //! of csgd's combined score (smallest p-value), read per image from `csgd eval
 //! --dump-components`. It prints AUROC and TPR at 5 % FPR per attack (the threshold is the clean
 //! test images' 95th percentile, so TPRs are slightly optimistic and only for comparison).
+//! It reads the Fashion-MNIST test set, so it fits 28×28 grayscale 10-class checkpoints only.
 //!
 //! ```sh
 //! csgd eval --run csg=models/fashion-csg.onnx:eval/attacks/csg/fgsm,... --out /tmp/e --dump-components
