@@ -80,3 +80,31 @@ fn standard_training_has_no_gate() {
     assert!(trainer::gate_of(&trained.model).is_none());
     assert!(trained.history[0].gated_loss.is_none());
 }
+
+/// Label smoothing is the standard path's alone: from the same weights on the same first batch,
+/// the gated loss is unchanged by it (the published hard-label CSG loss) while the standard
+/// loss is not.
+#[test]
+fn label_smoothing_leaves_the_gated_loss_hard() {
+    let train = train_images(100);
+    let first_step = |smoothing: Option<f32>| {
+        let mut config = tiny_config(true, 1, 11);
+        config.schedule = csg_train::csg::Schedule::Joint { weight: 1.0 };
+        config.max_steps = Some(1);
+        config.label_smoothing = smoothing;
+        let trained = trainer::train(&config, &train, &device(), false).unwrap();
+        trained.history[0].clone()
+    };
+    let (hard, smoothed) = (first_step(None), first_step(Some(0.1)));
+    let (g_hard, g_smoothed) = (hard.gated_loss.unwrap(), smoothed.gated_loss.unwrap());
+    assert!(
+        (g_hard - g_smoothed).abs() < 1e-6,
+        "gated {g_hard} vs {g_smoothed}"
+    );
+    assert!(
+        (hard.standard_loss - smoothed.standard_loss).abs() > 1e-4,
+        "standard {} vs {}",
+        hard.standard_loss,
+        smoothed.standard_loss
+    );
+}
