@@ -254,7 +254,6 @@ pub fn tensor_from_json(
     Ok((images, batched))
 }
 
-/// Depth-first flattening that checks every sub-array has the shape of the first.
 /// Largest magnitude accepted in a raw tensor. Tensors arrive normalised (a pixel in [0, 1]
 /// minus a mean, over a std: single digits); far larger values are a client bug or an attack
 /// on the arithmetic (overflow to ∞ in the first layers, NaN logits), refused rather than
@@ -266,6 +265,7 @@ pub fn acceptable_tensor_value(x: f32) -> bool {
     x.is_finite() && x.abs() <= MAX_ABS_TENSOR_VALUE
 }
 
+/// Depth-first flattening that checks every sub-array has the shape of the first.
 fn flatten(
     value: &Value,
     shape: &[usize],

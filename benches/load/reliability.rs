@@ -80,11 +80,6 @@ struct Sample {
     fds: usize,
 }
 
-fn percentile_ms(mut v: Vec<Duration>, q: f64) -> f64 {
-    v.sort_unstable();
-    client::percentile(&v, q)
-}
-
 /// `rate` requests per second for `secs` over `conns` connections ([`client::scheduled`]):
 /// every status counted, failed connections counted and reopened.
 async fn open_loop(
@@ -115,10 +110,12 @@ async fn open_loop(
             _ => {}
         }
     }
-    phase.ok_p50_ms = percentile_ms(ok.clone(), 0.5);
-    phase.ok_p99_ms = percentile_ms(ok, 0.99);
-    phase.rejected_p50_ms = percentile_ms(rejected.clone(), 0.5);
-    phase.rejected_p99_ms = percentile_ms(rejected, 0.99);
+    ok.sort_unstable();
+    rejected.sort_unstable();
+    phase.ok_p50_ms = client::percentile(&ok, 0.5);
+    phase.ok_p99_ms = client::percentile(&ok, 0.99);
+    phase.rejected_p50_ms = client::percentile(&rejected, 0.5);
+    phase.rejected_p99_ms = client::percentile(&rejected, 0.99);
     Ok(phase)
 }
 

@@ -105,9 +105,12 @@ impl ApiError {
 /// client gets an answer and [`super::track`] counts it, instead of a reset connection. No
 /// panic should be reachable from input (the fuzz targets look for one); this is the net under
 /// a bug, and the reason panics unwind rather than abort.
-pub fn catch_panic() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> Response> {
-    CatchPanicLayer::custom(panic_response as fn(Box<dyn Any + Send + 'static>) -> Response)
+pub fn catch_panic() -> CatchPanicLayer<PanicResponder> {
+    CatchPanicLayer::custom(panic_response as PanicResponder)
 }
+
+/// What [`catch_panic`] calls with the panic's payload.
+pub type PanicResponder = fn(Box<dyn Any + Send + 'static>) -> Response;
 
 fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
     let what = panic
