@@ -281,6 +281,20 @@ pub fn quantile_threshold(mut values: Vec<f64>, fpr: f64) -> f64 {
     values[n - 1 - allowed.min(n - 1)]
 }
 
+/// One stage's statistics as every full-metric component uses them: class means over the
+/// correctly classified images `correct` and the precision of their pooled, shrunk
+/// covariance (row-major). For analyses that try other per-image features the same way.
+pub fn tied_gaussian(
+    data: &StageData,
+    labels: &[usize],
+    correct: &[usize],
+    classes: usize,
+    shrinkage: f64,
+) -> Result<(Vec<Vec<f32>>, Vec<f32>), DetectError> {
+    let (means, cov) = class_means_and_covariance(data, labels, correct, classes);
+    Ok((means, invert(shrink(cov, shrinkage), data.stage)?))
+}
+
 /// Per-class means over correctly classified images and the pooled within-class covariance.
 fn class_means_and_covariance(
     data: &StageData,

@@ -2,10 +2,10 @@
 //! its global average, make a better detector component? For each stage and each choice of
 //! per-channel statistics (mean = GAP, std = spatial standard deviation, occ = share of
 //! positions the ReLU lets through), it fits a class-conditional Gaussian with a tied, shrunk
-//! covariance on half of the clean validation split (the half `csgd calibrate` fits on), takes
-//! p-values against the other half, and puts the candidate in place of that stage's component
-//! of csgd's combined score (smallest p-value), read per image from `csgd eval
-//! --dump-components`. It prints AUROC and TPR at 5 % FPR per attack (the threshold is the clean
+//! covariance with `csgd calibrate`'s own code and data (the correctly classified images of
+//! one half of the clean validation split), takes p-values against the other half, and puts
+//! the candidate in place of that stage's component of csgd's combined score (smallest
+//! p-value), read per image from `csgd eval --dump-components`. It prints AUROC and TPR at 5 % FPR per attack (the threshold is the clean
 //! test images' 95th percentile, so TPRs are slightly optimistic and only for comparison).
 //! It reads the Fashion-MNIST test set, so it fits 28×28 grayscale 10-class checkpoints only.
 //!
@@ -21,21 +21,22 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use csg_bundle::score::{log_mahalanobis, p_value};
 use csg_train::burn;
 use csg_train::checkpoint;
 use csg_train::data::{self, Dataset};
 use csg_train::model::Network;
+use csgd::detect::fit::{FitOptions, StageData, quantile_threshold, tied_gaussian};
+use csgd::eval::roc::{auroc, rate_above};
 
-/// Covariance shrinkage towards a scaled identity (as `csgd calibrate`'s default).
-const SHRINK: f64 = 0.01;
 const BATCH: usize = 500;
 
 /// Per-channel statistics of one stage for one image.
 #[derive(Clone)]
 struct StageStats {
-    mean: Vec<f64>,
-    std: Vec<f64>,
-    occupancy: Vec<f64>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    occupancy: Vec<f32>,
 }
 
 /// Statistics of a set of images: predicted class, then per stage per image.
@@ -75,10 +76,10 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
                     let n = channel.len() as f64;
                     let m = channel.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
                     let q = channel.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n;
-                    s.mean.push(m);
-                    s.std.push((q - m * m).max(0.0).sqrt());
+                    s.mean.push(m as f32);
+                    s.std.push((q - m * m).max(0.0).sqrt() as f32);
                     s.occupancy
-                        .push(channel.iter().filter(|&&v| v > 0.0).count() as f64 / n);
+                        .push((channel.iter().filter(|&&v| v > 0.0).count() as f64 / n) as f32);
                 }
                 out.stages[stage].push(s);
             }
@@ -93,88 +94,7 @@ fn argmax(row: &[f32]) -> usize {
         .unwrap_or(0)
 }
 
-/// Gauss-Jordan inverse of a symmetric positive-definite matrix (small, shrunk: stable).
-fn invert(mut a: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
-    let n = a.len();
-    let mut inv: Vec<Vec<f64>> = (0..n)
-        .map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
-        .collect();
-    for col in 0..n {
-        let pivot = a[col][col];
-        for j in 0..n {
-            a[col][j] /= pivot;
-            inv[col][j] /= pivot;
-        }
-        for r in 0..n {
-            let f = a[r][col];
-            if r != col && f != 0.0 {
-                for j in 0..n {
-                    a[r][j] -= f * a[col][j];
-                    inv[r][j] -= f * inv[col][j];
-                }
-            }
-        }
-    }
-    inv
-}
-
-/// Class-conditional Gaussian with a tied, shrunk covariance.
-struct Gaussian {
-    means: Vec<Vec<f64>>,
-    precision: Vec<Vec<f64>>,
-}
-
-impl Gaussian {
-    fn fit(rows: &[Vec<f64>], labels: &[usize], classes: usize) -> Self {
-        let d = rows[0].len();
-        let mut means = vec![vec![0.0; d]; classes];
-        let mut counts = vec![0usize; classes];
-        for (row, &y) in rows.iter().zip(labels) {
-            counts[y] += 1;
-            for (m, v) in means[y].iter_mut().zip(row) {
-                *m += v;
-            }
-        }
-        for (m, &count) in means.iter_mut().zip(&counts) {
-            m.iter_mut().for_each(|v| *v /= count.max(1) as f64);
-        }
-        let mut cov = vec![vec![0.0; d]; d];
-        for (row, &y) in rows.iter().zip(labels) {
-            let z: Vec<f64> = row.iter().zip(&means[y]).map(|(a, b)| a - b).collect();
-            for (i, zi) in z.iter().enumerate() {
-                for (j, zj) in z.iter().enumerate() {
-                    cov[i][j] += zi * zj;
-                }
-            }
-        }
-        let n = rows.len() as f64;
-        let scale = (0..d).map(|i| cov[i][i]).sum::<f64>() / n / d as f64;
-        for (i, row) in cov.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = (1.0 - SHRINK) * *v / n + if i == j { SHRINK * scale } else { 0.0 };
-            }
-        }
-        Self {
-            means,
-            precision: invert(cov),
-        }
-    }
-
-    fn distance(&self, x: &[f64], class: usize) -> f64 {
-        let z: Vec<f64> = x
-            .iter()
-            .zip(&self.means[class])
-            .map(|(a, b)| a - b)
-            .collect();
-        self.precision
-            .iter()
-            .zip(&z)
-            .map(|(row, zi)| zi * row.iter().zip(&z).map(|(p, zj)| p * zj).sum::<f64>())
-            .sum()
-    }
-}
-
-type Pick = fn(&StageStats) -> Vec<f64>;
+type Pick = fn(&StageStats) -> Vec<f32>;
 
 const PICKS: [(&str, Pick); 5] = [
     ("mean", |s| s.mean.clone()),
@@ -186,32 +106,9 @@ const PICKS: [(&str, Pick); 5] = [
     }),
 ];
 
-/// p-value of `score` against a sorted clean table (as csgd's).
-fn p_value(sorted: &[f64], score: f64) -> f64 {
-    let at_or_above = sorted.len() - sorted.partition_point(|&c| c < score);
-    (1 + at_or_above) as f64 / (sorted.len() + 1) as f64
-}
-
-/// AUROC with ties counted half.
-fn auroc(clean: &[f64], adversarial: &[f64]) -> f64 {
-    let mut sorted = clean.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let wins: f64 = adversarial
-        .iter()
-        .map(|&a| {
-            let below = sorted.partition_point(|&c| c < a);
-            let ties = sorted.partition_point(|&c| c <= a) - below;
-            below as f64 + ties as f64 / 2.0
-        })
-        .sum();
-    wins / (sorted.len() * adversarial.len()) as f64
-}
-
+/// Share of `adversarial` flagged at the clean scores' 5 % threshold.
 fn tpr_at_5(clean: &[f64], adversarial: &[f64]) -> f64 {
-    let mut sorted = clean.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let threshold = sorted[(sorted.len() as f64 * 0.95) as usize];
-    adversarial.iter().filter(|&&a| a > threshold).count() as f64 / adversarial.len() as f64
+    rate_above(adversarial, quantile_threshold(clean.to_vec(), 0.05))
 }
 
 /// Per image, the p-values of the combined score's components (stage Mahalanobis, margin).
@@ -292,8 +189,18 @@ fn main() -> Result<()> {
         attacks.push((name, probe(&net, &pixels, normalise, &device), components));
     }
 
+    // As `csgd calibrate`: fit on the even half of the validation split, with true labels and
+    // only the correctly classified images; score tables from the odd half.
     let fit: Vec<usize> = (0..validation.len()).step_by(2).collect();
     let table: Vec<usize> = (1..validation.len()).step_by(2).collect();
+    let labels: Vec<usize> = fit
+        .iter()
+        .map(|&i| usize::from(validation.labels[i]))
+        .collect();
+    let correct: Vec<usize> = (0..fit.len())
+        .filter(|&j| val.classes[fit[j]] == labels[j])
+        .collect();
+    let shrinkage = FitOptions::default().shrinkage;
     let header: Vec<String> = attacks.iter().map(|(name, ..)| name.clone()).collect();
     println!(
         "| stage | statistics | alone: worst AUROC | combined: {} | worst |",
@@ -323,14 +230,22 @@ fn main() -> Result<()> {
     for stage in 0..val.stages.len() {
         let drop = format!("stage{}_mahalanobis", stage + 1);
         for (name, pick) in PICKS {
-            let rows: Vec<Vec<f64>> = fit.iter().map(|&i| pick(&val.stages[stage][i])).collect();
-            let labels: Vec<usize> = fit.iter().map(|&i| val.classes[i]).collect();
-            let gaussian = Gaussian::fit(&rows, &labels, 10);
+            let values: Vec<f32> = fit
+                .iter()
+                .flat_map(|&i| pick(&val.stages[stage][i]))
+                .collect();
+            let data = StageData {
+                output: String::new(),
+                stage,
+                channels: values.len() / fit.len(),
+                values,
+            };
+            let (means, precision) = tied_gaussian(&data, &labels, &correct, 10, shrinkage)?;
             let distances = |p: &Probed| -> Vec<f64> {
                 p.stages[stage]
                     .iter()
                     .zip(&p.classes)
-                    .map(|(s, &c)| gaussian.distance(&pick(s), c))
+                    .map(|(s, &c)| log_mahalanobis(&pick(s), &means[c], &precision, None))
                     .collect()
             };
             let val_scores = distances(&val);
