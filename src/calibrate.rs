@@ -61,6 +61,8 @@ pub struct CalibrateOptions {
     pub data: CleanData,
     /// 1-based stages to use besides the gated (last) one; `None` = the model's second stage.
     pub stages: Option<Vec<usize>>,
+    /// Describe those stages by their spatial statistics too, where the model exports them.
+    pub spatial: bool,
     pub fit: FitOptions,
     pub batch_size: usize,
 }
@@ -178,20 +180,23 @@ fn folder_images(dir: &Path, meta: &BundleMeta) -> Result<CleanImages, Calibrate
     })
 }
 
-/// (output name, 0-based stage) of the stages to read, the gated stage last.
+/// (output name, 0-based stage, values per image) of the outputs to read: each chosen stage's
+/// GAP, followed by its spatial statistics when `spatial` and the model exports them; the
+/// gated stage's GAP last.
 pub fn stage_outputs(
     meta: &BundleMeta,
     stages: Option<&[usize]>,
-) -> Result<Vec<(String, usize)>, CalibrateError> {
-    let count = meta.architecture.stage_channels().len();
-    let last = count - 1;
+    spatial: bool,
+) -> Result<Vec<(String, usize, usize)>, CalibrateError> {
+    let channels = meta.architecture.stage_channels();
+    let last = channels.len() - 1;
     let wanted: Vec<usize> = match stages {
         Some(list) => list
             .iter()
             .map(|s| s.saturating_sub(1))
             .filter(|&s| s != last)
             .collect(),
-        None if count >= 3 => vec![1],
+        None if channels.len() >= 3 => vec![1],
         None => vec![],
     };
     let mut out = Vec::new();
@@ -207,9 +212,12 @@ pub fn stage_outputs(
                     .collect::<Vec<_>>()
             )));
         };
-        out.push((output.name.clone(), stage));
+        out.push((output.name.clone(), stage, output.channels));
+        if let Some(name) = output.spatial.as_ref().filter(|_| spatial) {
+            out.push((name.clone(), stage, 2 * output.channels));
+        }
     }
-    out.push((meta.outputs.activations.clone(), last));
+    out.push((meta.outputs.activations.clone(), last, channels[last]));
     Ok(out)
 }
 
@@ -218,17 +226,16 @@ fn run_model(
     model: &mut Model,
     images: &CleanImages,
     indices: &[usize],
-    stages: &[(String, usize)],
+    stages: &[(String, usize, usize)],
     batch_size: usize,
 ) -> Result<CleanOutputs, CalibrateError> {
-    let channels = model.meta().architecture.stage_channels();
     let names: Vec<String> = std::iter::once(model.meta().outputs.logits.clone())
-        .chain(stages.iter().map(|(n, _)| n.clone()))
+        .chain(stages.iter().map(|(n, _, _)| n.clone()))
         .collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {
         labels: indices.iter().map(|&i| images.labels[i]).collect(),
-        ..CleanOutputs::for_stages(stages, &channels)
+        ..CleanOutputs::for_stages(stages)
     };
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = images.tensor.select(ndarray::Axis(0), chunk);
@@ -251,7 +258,7 @@ pub fn calibrate(
     options: &CalibrateOptions,
 ) -> Result<Calibration, CalibrateError> {
     let meta = model.meta().clone();
-    let stages = stage_outputs(&meta, options.stages.as_deref())?;
+    let stages = stage_outputs(&meta, options.stages.as_deref(), options.spatial)?;
     let images = load_images(&meta, &options.data)?;
     // Alternate images between the two halves: both see every class in proportion.
     let fit_idx: Vec<usize> = (0..images.labels.len()).step_by(2).collect();

@@ -71,11 +71,27 @@ struct CalibrateArgs {
     /// has three or more].
     #[arg(long, value_delimiter = ',')]
     stages: Option<Vec<usize>>,
+    /// Describe those stages by their GAP only, not also by their spatial statistics (each
+    /// channel's std and share of positions above zero, when the model exports them).
+    #[arg(long)]
+    no_spatial: bool,
+    /// How the combined score merges its components' p-values.
+    #[arg(long, value_enum, default_value_t = CombinerArg::HarmonicMean)]
+    combiner: CombinerArg,
     /// Covariance shrinkage toward (trace/d)·I.
     #[arg(long, default_value_t = 0.01)]
     shrinkage: f64,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+}
+
+/// `csgd calibrate --combiner`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CombinerArg {
+    /// −ln of the harmonic mean p-value.
+    HarmonicMean,
+    /// −ln of the smallest p-value.
+    MinP,
 }
 
 #[derive(Args)]
@@ -193,7 +209,12 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
     let options = csgd::calibrate::CalibrateOptions {
         data: csgd::calibrate::CleanData::parse(&args.data),
         stages: args.stages.clone(),
+        spatial: !args.no_spatial,
         fit: csgd::detect::fit::FitOptions {
+            combiner: match args.combiner {
+                CombinerArg::HarmonicMean => csg_bundle::calibration::Combiner::HarmonicMean,
+                CombinerArg::MinP => csg_bundle::calibration::Combiner::MinP,
+            },
             fpr: args.fpr,
             shrinkage: args.shrinkage,
             per_class: args.per_class,

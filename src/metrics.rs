@@ -21,7 +21,7 @@ fn duration_buckets() -> Vec<f64> {
     (0..21).map(|i| 25e-6 * 2f64.powi(i)).collect()
 }
 
-/// Verdict scores: the combined score is −ln(smallest p-value) (0 … ~10), the margin score is
+/// Verdict scores: the combined score is −ln of a combined p-value (0 … ~10), the margin score is
 /// −ln(logit margin) (≈ −5 … 10), the others lie in [0, 1] or are log distances.
 fn score_buckets() -> Vec<f64> {
     vec![

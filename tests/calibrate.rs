@@ -35,6 +35,17 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     assert_eq!(cal.fpr, 0.1);
     assert_eq!((cal.fit_images, cal.table_images), (2500, 2500));
     assert_eq!(cal.stages.len(), 2, "stage 2 and the gated stage");
+    // By default stage 2 is described by its spatial statistics too, and the p-values are
+    // combined by their harmonic mean; the gated stage stays GAP-only.
+    use csg_bundle::calibration::{Combiner, StageFeatures};
+    assert_eq!(cal.stages[0].features, StageFeatures::MeanStdOccupancy);
+    assert_eq!(
+        cal.stages[0].spatial_output.as_deref(),
+        Some("stage2_spatial")
+    );
+    assert_eq!(cal.stages[0].means[0].len(), 3 * cal.stages[0].channels);
+    assert_eq!(cal.stages[1].features, StageFeatures::Mean);
+    assert_eq!(cal.combiner, Combiner::HarmonicMean);
     assert!(cal.thresholds["combined"].is_finite());
     let per_class = &cal.class_thresholds["combined"];
     assert_eq!(per_class.len(), 10);
@@ -66,6 +77,23 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     assert!((0.02..=0.08).contains(&realised), "realised FPR {realised}");
     let accuracy = results[0]["clean_accuracy"].as_f64().unwrap();
     assert!(accuracy >= common::min_accuracy(), "accuracy {accuracy}");
+
+    // The earlier design stays available: GAP only, smallest p-value.
+    let (ok, text) = csgd(&[
+        "calibrate",
+        model_arg,
+        "--no-spatial",
+        "--combiner",
+        "min-p",
+    ]);
+    assert!(ok, "{text}");
+    let cal = csg_bundle::onnx::read_meta(&model)
+        .unwrap()
+        .calibration
+        .expect("calibrated");
+    assert_eq!(cal.stages[0].features, StageFeatures::Mean);
+    assert_eq!(cal.stages[0].spatial_output, None);
+    assert_eq!(cal.combiner, Combiner::MinP);
 }
 
 #[test]

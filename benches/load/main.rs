@@ -218,12 +218,11 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let meta = session.meta().clone();
     let spec = &meta.input;
     let classes = meta.classes.len();
-    let stages = csgd::calibrate::stage_outputs(&meta, None)?;
-    let channels = meta.architecture.stage_channels();
+    let stages = csgd::calibrate::stage_outputs(&meta, None, true)?;
     let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
-        .chain(stages.iter().map(|(n, _)| n.as_str()))
+        .chain(stages.iter().map(|(n, _, _)| n.as_str()))
         .collect();
-    let empty = || CleanOutputs::for_stages(&stages, &channels);
+    let empty = || CleanOutputs::for_stages(&stages);
     let mut sets = [empty(), empty()];
     for start in (0..images).step_by(16) {
         let n = 16.min(images - start);

@@ -69,6 +69,9 @@ pub struct ExportOptions {
     pub name: Option<String>,
     pub version: Option<String>,
     pub stages: StageSelection,
+    /// Export each earlier stage's spatial statistics beside its GAP (the detector's
+    /// `mean_std_occupancy` features; a few elementwise ops per stage).
+    pub spatial: bool,
     pub feature_map: bool,
     pub fold_bn: bool,
 }
@@ -84,6 +87,7 @@ impl Default for ExportOptions {
             name: None,
             version: None,
             stages: StageSelection::All,
+            spatial: true,
             feature_map: false,
             fold_bn: true,
         }
@@ -195,6 +199,7 @@ pub fn export(
     let graph_options = GraphOptions {
         fold_bn: options.fold_bn,
         stages,
+        spatial: options.spatial,
         feature_map: options.feature_map,
         input_hw: (input.height, input.width),
     };

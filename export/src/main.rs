@@ -67,6 +67,10 @@ struct ExportArgs {
     /// Earlier stages whose GAP to export: all, none, or 1-based numbers like 1,2.
     #[arg(long, default_value = "all")]
     stages: String,
+    /// Do not export the earlier stages' spatial statistics (`stageN_spatial`: per-channel
+    /// std and share of positions above zero), which calibration uses by default.
+    #[arg(long)]
+    no_spatial: bool,
     /// Also export the gated stage's feature map [N, K, h, w] as `feature_map`.
     #[arg(long)]
     feature_map: bool,
@@ -107,6 +111,7 @@ fn run_export(args: ExportArgs) -> Result<()> {
         name: args.name,
         version: args.version,
         stages: parse_stages(&args.stages)?,
+        spatial: !args.no_spatial,
         feature_map: args.feature_map,
         fold_bn: !args.no_fold_bn,
     };

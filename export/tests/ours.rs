@@ -88,6 +88,19 @@ fn check(net: &Net, size: usize, forward: impl Fn(Array4<f32>) -> Forward, fold:
         let name = csg_export::stage_output_name(i);
         assert_eq!(meta.outputs.stages[i].name, name);
         assert_close(&name, &got[&name], &to_array(stage.view().into_dyn()), TOL);
+        let spatial = csg_export::stage_spatial_name(i);
+        assert_eq!(
+            meta.outputs.stages[i].spatial.as_deref(),
+            Some(spatial.as_str())
+        );
+        // Occupancy is a share of positions: a value within TOL of zero on one side could
+        // flip, which would move it by 1/(h·w); the random inputs make that vanishingly rare.
+        assert_close(
+            &spatial,
+            &got[&spatial],
+            &to_array(want.spatial[i].view().into_dyn()),
+            TOL,
+        );
     }
     assert_eq!(
         common::argmax_rows(&got["logits"]),
@@ -172,6 +185,7 @@ fn stage_selection_and_overrides() {
     let got = run_model(&out, &input);
     assert_eq!(got["stage2_activations"].shape, vec![1, 6]);
     assert!(!got.contains_key("stage1_activations") && !got.contains_key("feature_map"));
+    assert_eq!(got["stage2_spatial"].shape, vec![1, 12]);
 
     // Calibration rewrites the metadata in place; the graph must still load and agree.
     let mut calibrated = meta.clone();

@@ -2,7 +2,9 @@
 //! distances, p-values, verdict scores and thresholds.
 
 use csg_bundle::BundleMeta;
-use csg_bundle::calibration::{CALIBRATION_VERSION, Calibration, StageMetric};
+use csg_bundle::calibration::{
+    CALIBRATION_VERSION, Calibration, OLDEST_CALIBRATION_VERSION, StageFeatures, StageMetric,
+};
 
 use super::scores;
 use super::{Component, DetectError, ScoreKind};
@@ -11,9 +13,9 @@ pub use csg_bundle::score::stage_score;
 /// Checks the section against the model it is stored in.
 pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError> {
     let bad = |why: String| Err(DetectError::Calibration(why));
-    if cal.version != CALIBRATION_VERSION {
+    if !(OLDEST_CALIBRATION_VERSION..=CALIBRATION_VERSION).contains(&cal.version) {
         return bad(format!(
-            "version {} (this build reads {CALIBRATION_VERSION})",
+            "version {} (this build reads {OLDEST_CALIBRATION_VERSION} to {CALIBRATION_VERSION})",
             cal.version
         ));
     }
@@ -26,20 +28,36 @@ pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError>
                 stage.stage, stage.channels
             ));
         }
+        let d = stage.dim();
+        if stage.features == StageFeatures::MeanStdOccupancy {
+            let declared = meta
+                .outputs
+                .stages
+                .iter()
+                .any(|o| o.stage == stage.stage && o.spatial == stage.spatial_output);
+            if stage.spatial_output.is_none() || !declared {
+                return bad(format!(
+                    "stage {} uses spatial statistics, but the model declares no output {:?} \
+                     for them",
+                    stage.stage + 1,
+                    stage.spatial_output.as_deref().unwrap_or("")
+                ));
+            }
+        }
         if stage.means.len() != classes
-            || stage.means.iter().any(|m| m.len() != stage.channels)
-            || stage.std.len() != stage.channels
+            || stage.means.iter().any(|m| m.len() != d)
+            || stage.std.len() != d
         {
             return bad(format!(
                 "stage {} statistics have the wrong shape",
                 stage.stage
             ));
         }
-        let d = stage.channels;
         let ok = match &stage.metric {
             StageMetric::Full { precision } => precision.len() == d * d,
             StageMetric::Gated { classes: per } => {
-                per.len() == classes
+                stage.features == StageFeatures::Mean
+                    && per.len() == classes
                     && per.iter().all(|g| {
                         g.filters.iter().all(|&k| k < d)
                             && g.precision.len() == g.filters.len() * g.filters.len()
@@ -53,8 +71,13 @@ pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError>
             ));
         }
     }
-    if cal.stages.is_empty() {
-        return bad("no stage statistics".into());
+    match cal.stages.last() {
+        None => return bad("no stage statistics".into()),
+        // The detector reads the gated activations (gate mismatch, top filters) there.
+        Some(last) if last.features != StageFeatures::Mean => {
+            return bad("the gated (last) stage must be read by its GAP alone".into());
+        }
+        Some(_) => {}
     }
     Ok(())
 }
@@ -76,7 +99,7 @@ pub fn verdict_score(cal: &Calibration, kind: ScoreKind, components: &[Component
                 .iter()
                 .filter_map(|name| find(name).and_then(|c| c.p_value))
                 .collect();
-            scores::min_p_combination(&ps)
+            scores::combine(cal.combiner, &ps)
         }
         ScoreKind::GatedMahalanobis => cal
             .stages
@@ -93,4 +116,103 @@ pub fn threshold(cal: &Calibration, kind: ScoreKind, class: usize) -> Option<f64
         .get(kind.name())
         .and_then(|per| per.get(class).copied().flatten())
         .or_else(|| cal.thresholds.get(kind.name()).copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use csg_bundle::calibration::Combiner;
+
+    use super::*;
+    use crate::detect::{Detector, Sample, ScoreKind};
+
+    fn shipped() -> BundleMeta {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-csg.onnx");
+        csg_bundle::onnx::read_meta(&path).expect("the shipped model's metadata")
+    }
+
+    #[test]
+    fn the_shipped_detector_reads_stage_two_with_its_spatial_statistics() {
+        let meta = shipped();
+        let cal = meta.calibration.clone().expect("calibrated");
+        assert_eq!(cal.combiner, Combiner::HarmonicMean);
+        let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
+        assert_eq!(
+            detector.stage_outputs(),
+            ["stage2_activations", "stage2_spatial", "activations"]
+        );
+        // Stage 2's clean class-0 mean as the input: its GAP and spatial parts are read
+        // together, so the distance to class 0's mean is zero (−ln of the 1e-12 floor).
+        let stage2 = &cal.stages[0];
+        let (gap, spatial) = stage2.means[0].split_at(stage2.channels);
+        let gated = cal.stages[1].means[0].clone();
+        let mut logits = vec![0.0f32; 10];
+        logits[0] = 5.0;
+        let sample = Sample {
+            logits: &logits,
+            stages: vec![gap, spatial, &gated],
+        };
+        let raw = detector.raw_scores(&sample);
+        let stage2_score = raw
+            .iter()
+            .find(|(n, _)| n == "stage2_mahalanobis")
+            .unwrap()
+            .1;
+        assert!(
+            (stage2_score - 0.5 * 1e-12f64.ln()).abs() < 1e-3,
+            "{stage2_score}"
+        );
+        // A sample without the spatial part cannot be scored: NaN, not a panic or a guess.
+        let short = Sample {
+            logits: &logits,
+            stages: vec![gap],
+        };
+        let raw = detector.raw_scores(&short);
+        assert!(
+            raw.iter()
+                .any(|(n, s)| n == "stage2_mahalanobis" && s.is_nan())
+        );
+    }
+
+    #[test]
+    fn validation_refuses_spatial_features_the_model_cannot_produce() {
+        let meta = shipped();
+        let cal = meta.calibration.clone().expect("calibrated");
+        assert!(validate(&cal, &meta).is_ok());
+
+        let mut missing = cal.clone();
+        missing.stages[0].spatial_output = Some("stage2_nowhere".into());
+        let err = validate(&missing, &meta).unwrap_err().to_string();
+        assert!(err.contains("stage2_nowhere"), "{err}");
+
+        let mut gated = cal.clone();
+        let last = gated.stages.len() - 1;
+        gated.stages[last].features = StageFeatures::MeanStdOccupancy;
+        assert!(validate(&gated, &meta).is_err());
+
+        let mut future = cal.clone();
+        future.version = CALIBRATION_VERSION + 1;
+        assert!(
+            validate(&future, &meta)
+                .unwrap_err()
+                .to_string()
+                .contains("version")
+        );
+
+        // A version-1 section (GAP features, min-p) is still read.
+        let mut old = cal;
+        old.version = OLDEST_CALIBRATION_VERSION;
+        old.stages[0].features = StageFeatures::Mean;
+        old.stages[0].spatial_output = None;
+        let c = old.stages[0].channels;
+        for mean in &mut old.stages[0].means {
+            mean.truncate(c);
+        }
+        old.stages[0].std.truncate(c);
+        old.stages[0].metric = csg_bundle::calibration::StageMetric::Full {
+            precision: vec![0.0; c * c],
+        };
+        assert!(validate(&old, &meta).is_ok());
+    }
 }

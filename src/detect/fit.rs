@@ -10,7 +10,8 @@ use csg_bundle::{BundleMeta, Gate};
 use nalgebra::DMatrix;
 
 use csg_bundle::calibration::{
-    CALIBRATION_VERSION, Calibration, GATED, GatedPrecision, StageMetric, StageStats,
+    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, StageFeatures, StageMetric,
+    StageStats,
 };
 
 use super::{DetectError, Detector, Sample, ScoreKind, calibration, scores};
@@ -21,35 +22,73 @@ pub struct CleanOutputs {
     pub labels: Vec<usize>,
     /// [N, C] row-major.
     pub logits: Vec<f32>,
-    /// Per stage read by the detector: (output name, 0-based stage, channels, [N, channels]).
+    /// Per output read by the detector, in [`Detector::stage_outputs`] order: a stage's GAP,
+    /// then its spatial statistics when they are used (same `stage`); the gated stage last.
     pub stages: Vec<StageData>,
 }
 
+/// One model output over a set of images.
 #[derive(Debug, Clone, Default)]
 pub struct StageData {
     pub output: String,
+    /// 0-based stage it describes.
     pub stage: usize,
+    /// Values per image.
     pub channels: usize,
+    /// [N, channels] row-major.
     pub values: Vec<f32>,
 }
 
 impl CleanOutputs {
-    /// No images yet, with one empty [`StageData`] per `(output name, 0-based stage)`;
-    /// `channels` holds every stage's channel count (`Architecture::stage_channels`).
-    pub fn for_stages(stages: &[(String, usize)], channels: &[usize]) -> Self {
+    /// No images yet, with one empty [`StageData`] per `(output name, 0-based stage, values
+    /// per image)`.
+    pub fn for_stages(stages: &[(String, usize, usize)]) -> Self {
         Self {
             labels: Vec::new(),
             logits: Vec::new(),
             stages: stages
                 .iter()
-                .map(|(name, stage)| StageData {
+                .map(|(name, stage, width)| StageData {
                     output: name.clone(),
                     stage: *stage,
-                    channels: channels[*stage],
+                    channels: *width,
                     values: Vec::new(),
                 })
                 .collect(),
         }
+    }
+
+    /// Each stage's features: its outputs joined per image (GAP, then spatial statistics),
+    /// with the spatial output's name when there is one.
+    fn stage_features(&self) -> Result<Vec<(StageData, Option<String>)>, DetectError> {
+        let n = self.len();
+        let mut out: Vec<(StageData, Option<String>)> = Vec::new();
+        for data in &self.stages {
+            if data.values.len() != n * data.channels {
+                return Err(DetectError::Calibration(format!(
+                    "output {} holds {} values for {n} images of {} each",
+                    data.output,
+                    data.values.len(),
+                    data.channels
+                )));
+            }
+            match out.last_mut() {
+                Some((joined, spatial @ None)) if joined.stage == data.stage => {
+                    let (a, b) = (joined.channels, data.channels);
+                    joined.values = (0..n)
+                        .flat_map(|i| {
+                            let first = &joined.values[i * a..(i + 1) * a];
+                            let second = &data.values[i * b..(i + 1) * b];
+                            first.iter().chain(second).copied().collect::<Vec<_>>()
+                        })
+                        .collect();
+                    joined.channels = a + b;
+                    *spatial = Some(data.output.clone());
+                }
+                _ => out.push((data.clone(), None)),
+            }
+        }
+        Ok(out)
     }
 
     pub fn len(&self) -> usize {
@@ -92,6 +131,8 @@ pub struct FitOptions {
     pub per_class: bool,
     /// Share of filters each class gets in an empirical gate (standard models).
     pub empirical_share: f64,
+    /// How the combined score merges its components' p-values.
+    pub combiner: Combiner,
     /// Description of the data, stored in the section.
     pub data: String,
 }
@@ -103,6 +144,7 @@ impl Default for FitOptions {
             shrinkage: 0.01,
             per_class: false,
             empirical_share: 0.2,
+            combiner: Combiner::HarmonicMean,
             data: String::new(),
         }
     }
@@ -149,11 +191,26 @@ pub fn fit(
     };
     let gate = meta.gate.as_ref().or(empirical_gate.as_ref()).cloned();
 
-    let last = fit_set.stages.len() - 1;
+    let features = fit_set.stage_features()?;
+    let last = features.len() - 1;
+    if features[last].1.is_some() {
+        return bad("the gated (last) stage is read by its GAP alone".into());
+    }
     let mut stages = Vec::new();
-    for (s, data) in fit_set.stages.iter().enumerate() {
+    for (s, (data, spatial_output)) in features.iter().enumerate() {
         let (means, cov) = class_means_and_covariance(data, &fit_set.labels, &correct, classes);
         let d = data.channels;
+        let kind = match spatial_output {
+            Some(_) => StageFeatures::MeanStdOccupancy,
+            None => StageFeatures::Mean,
+        };
+        if d % kind.width() != 0 {
+            return bad(format!(
+                "stage {} has {d} feature values, not {} per channel",
+                data.stage + 1,
+                kind.width()
+            ));
+        }
         let cov = shrink(cov, options.shrinkage);
         let std = (0..d).map(|k| cov[(k, k)].sqrt() as f32).collect();
         let metric = match (&gate, s == last) {
@@ -176,8 +233,10 @@ pub fn fit(
         };
         stages.push(StageStats {
             output: data.output.clone(),
+            spatial_output: spatial_output.clone(),
             stage: data.stage,
-            channels: d,
+            channels: d / kind.width(),
+            features: kind,
             means,
             std,
             metric,
@@ -196,6 +255,7 @@ pub fn fit(
             .map(StageStats::component_name)
             .chain(["margin".to_string()])
             .collect(),
+        combiner: options.combiner,
         stages,
         tables: BTreeMap::new(),
         combined_table: Vec::new(),
@@ -430,6 +490,36 @@ mod tests {
         );
         let inv = invert(shrunk, 0).unwrap();
         assert!((inv[0] - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_stage_gap_and_its_spatial_output_are_joined_per_image() {
+        let data = |output: &str, stage, channels, values: Vec<f32>| StageData {
+            output: output.into(),
+            stage,
+            channels,
+            values,
+        };
+        let outputs = CleanOutputs {
+            labels: vec![0, 1],
+            logits: vec![1.0, 0.0, 0.0, 1.0],
+            stages: vec![
+                data("gap", 1, 1, vec![1.0, 2.0]),
+                data("spatial", 1, 2, vec![10.0, 11.0, 20.0, 21.0]),
+                data("activations", 3, 1, vec![5.0, 6.0]),
+            ],
+        };
+        let features = outputs.stage_features().unwrap();
+        assert_eq!(features.len(), 2);
+        assert_eq!(features[0].0.values, vec![1.0, 10.0, 11.0, 2.0, 20.0, 21.0]);
+        assert_eq!(features[0].0.channels, 3);
+        assert_eq!(features[0].1.as_deref(), Some("spatial"));
+        assert_eq!(features[1].0.values, vec![5.0, 6.0]);
+        assert_eq!(features[1].1, None);
+
+        let mut short = outputs;
+        short.stages[1].values.pop();
+        assert!(short.stage_features().is_err());
     }
 
     #[test]

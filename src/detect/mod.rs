@@ -19,7 +19,8 @@ pub use csg_bundle::calibration::{Calibration, StageStats};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ScoreKind {
-    /// Smallest p-value over the per-stage Mahalanobis scores and the logit margin.
+    /// The per-stage Mahalanobis scores' and the logit margin's p-values, combined as the
+    /// calibration says (harmonic mean by default, smallest p in older bundles).
     Combined,
     /// Mahalanobis distance on the predicted class's gated filters (the gated stage).
     GatedMahalanobis,
@@ -60,7 +61,8 @@ pub enum DetectError {
 /// One image's model outputs, as the detector needs them.
 pub struct Sample<'a> {
     pub logits: &'a [f32],
-    /// GAP activations of the stages listed by [`Detector::stage_outputs`], in that order.
+    /// The outputs listed by [`Detector::stage_outputs`], in that order: stages' GAP
+    /// activations, each followed by its spatial statistics where calibrated with them.
     pub stages: Vec<&'a [f32]>,
 }
 
@@ -127,7 +129,11 @@ impl Detector {
             .clone()
             .or_else(|| calibration.as_ref().and_then(|c| c.empirical_gate.clone()));
         let stage_outputs = match &calibration {
-            Some(c) => c.stages.iter().map(|s| s.output.clone()).collect(),
+            Some(c) => c
+                .stages
+                .iter()
+                .flat_map(|s| s.outputs().map(String::from))
+                .collect(),
             None => vec![meta.outputs.activations.clone()],
         };
         Ok(Self {
@@ -174,11 +180,23 @@ impl Detector {
         let (class, _) = scores::top_class(sample.logits);
         let mut out = Vec::new();
         if let Some(cal) = &self.calibration {
-            for (stats, acts) in cal.stages.iter().zip(&sample.stages) {
-                out.push((
-                    stats.component_name(),
-                    calibration::stage_score(stats, acts, class),
-                ));
+            let mut outputs = sample.stages.iter();
+            for stats in &cal.stages {
+                let parts: Vec<&[f32]> = stats
+                    .outputs()
+                    .map_while(|_| outputs.next().copied())
+                    .collect();
+                let features = match parts.as_slice() {
+                    [one] => std::borrow::Cow::Borrowed(*one),
+                    many => std::borrow::Cow::Owned(many.concat()),
+                };
+                // A sample that does not hold what the calibration reads cannot be scored.
+                let score = if features.len() == stats.dim() {
+                    calibration::stage_score(stats, &features, class)
+                } else {
+                    f64::NAN
+                };
+                out.push((stats.component_name(), score));
             }
         }
         out.push(("margin".into(), scores::margin_score(sample.logits)));

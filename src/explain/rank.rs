@@ -87,8 +87,10 @@ mod tests {
     fn ranks_foreign_filters_by_z_against_the_predicted_class() {
         let stats = StageStats {
             output: "activations".into(),
+            spatial_output: None,
             stage: 3,
             channels: 4,
+            features: Default::default(),
             means: vec![vec![1.0, 1.0, 1.0, 1.0], vec![0.0; 4]],
             std: vec![1.0, 1.0, 0.5, 1.0],
             metric: csg_bundle::calibration::StageMetric::Full {

@@ -4,8 +4,9 @@
 //! positions the ReLU lets through), it fits a class-conditional Gaussian with a tied, shrunk
 //! covariance with `csgd calibrate`'s own code and data (the correctly classified images of
 //! one half of the clean validation split), takes p-values against the other half, and puts
-//! the candidate in place of that stage's component of csgd's combined score (smallest
-//! p-value), read per image from `csgd eval --dump-components`. It prints AUROC and TPR at 5 % FPR per attack (the threshold is the clean
+//! the candidate in place of that stage's component of csgd's combined score (the harmonic
+//! mean p-value, as `csgd calibrate` combines by default), read per image from
+//! `csgd eval --dump-components`. It prints AUROC and TPR at 5 % FPR per attack (the threshold is the clean
 //! test images' 95th percentile, so TPRs are slightly optimistic and only for comparison).
 //! It reads the Fashion-MNIST test set, so it fits 28×28 grayscale 10-class checkpoints only.
 //!
@@ -21,7 +22,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use csg_bundle::score::{log_mahalanobis, p_value};
+use csg_bundle::calibration::Combiner;
+use csg_bundle::score::{combine as combine_p, log_mahalanobis, p_value};
 use csg_train::burn;
 use csg_train::checkpoint;
 use csg_train::data::{self, Dataset};
@@ -130,14 +132,15 @@ fn combined_components(images: &serde_json::Value) -> Result<Vec<BTreeMap<String
         .collect())
 }
 
-/// −ln of the smallest p-value, the stage's own component replaced by `candidate`.
+/// The combined score, the stage's own component replaced by `candidate`.
 fn combine(components: &[BTreeMap<String, f64>], drop: &str, candidate: &[f64]) -> Vec<f64> {
     components
         .iter()
         .zip(candidate)
         .map(|(c, &p)| {
             let others = c.iter().filter(|(n, _)| *n != drop).map(|(_, &q)| q);
-            -others.chain([p]).fold(1.0, f64::min).ln()
+            let ps: Vec<f64> = others.chain([p]).collect();
+            combine_p(Combiner::HarmonicMean, &ps)
         })
         .collect()
 }
@@ -207,10 +210,13 @@ fn main() -> Result<()> {
         header.join(" | ")
     );
     println!("|---|---|---|{}---|", "---|".repeat(header.len()));
-    let base: Vec<f64> = clean_components
-        .iter()
-        .map(|c| -c.values().fold(1.0, |a: f64, &b| a.min(b)).ln())
-        .collect();
+    let shipped = |c: &BTreeMap<String, f64>| {
+        combine_p(
+            Combiner::HarmonicMean,
+            &c.values().copied().collect::<Vec<_>>(),
+        )
+    };
+    let base: Vec<f64> = clean_components.iter().map(shipped).collect();
     let mut row = vec![
         "—".to_string(),
         "csgd's combined".to_string(),
@@ -218,10 +224,7 @@ fn main() -> Result<()> {
     ];
     let mut worst = 1.0f64;
     for (_, _, components) in &attacks {
-        let adv: Vec<f64> = components
-            .iter()
-            .map(|c| -c.values().fold(1.0, |a: f64, &b| a.min(b)).ln())
-            .collect();
+        let adv: Vec<f64> = components.iter().map(shipped).collect();
         let a = auroc(&base, &adv);
         worst = worst.min(a);
         row.push(format!("{a:.3} / {:.2}", tpr_at_5(&base, &adv)));

@@ -66,6 +66,9 @@ pub struct Forward {
     pub logits: Tensor<2>,
     /// Per-stage GAP of the post-ReLU stage output, [N, channels]; the last is the gated layer.
     pub stage_activations: Vec<Tensor<2>>,
+    /// The post-ReLU stage outputs themselves, [N, channels, h, w] (what the GAPs average;
+    /// the detector's spatial statistics read them).
+    pub stage_maps: Vec<Tensor<4>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,8 +218,9 @@ impl Network {
 
     /// The standard path (used for inference, always): logits and every stage's GAP.
     pub fn forward(&self, input: Tensor<4>) -> Forward {
+        let stage_maps = self.stages(input);
         let stage_activations: Vec<Tensor<2>> =
-            self.stages(input).into_iter().map(global_average).collect();
+            stage_maps.iter().cloned().map(global_average).collect();
         let last = stage_activations
             .last()
             .cloned()
@@ -224,6 +228,7 @@ impl Network {
         Forward {
             logits: self.fc.forward(last),
             stage_activations,
+            stage_maps,
         }
     }
 

@@ -12,7 +12,8 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use common::{MEAN, STD, tiny_config, train_images};
 use csg_bundle::calibration::{
-    CALIBRATION_VERSION, Calibration, GATED, GatedPrecision, StageMetric, StageStats,
+    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, StageFeatures, StageMetric,
+    StageStats,
 };
 use csg_train::attacks::adaptive::AdaptiveParams;
 use csg_train::attacks::detector::DetectorSurrogate;
@@ -451,8 +452,10 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
         };
         stages.push(StageStats {
             output: format!("stage{}", stage + 1),
+            spatial_output: None,
             stage,
             channels: d,
+            features: StageFeatures::Mean,
             means,
             std: var.iter().map(|v| v.sqrt()).collect(),
             metric,
@@ -470,6 +473,7 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
             .map(StageStats::component_name)
             .chain(["margin".to_string()])
             .collect(),
+        combiner: Combiner::HarmonicMean,
         stages,
         tables: BTreeMap::new(),
         combined_table: Vec::new(),

@@ -11,8 +11,13 @@ use crate::Gate;
 /// Gate weight from which a filter counts as one of a class's gated filters.
 pub const GATED: f32 = 0.5;
 
-/// Version of this section's layout.
-pub const CALIBRATION_VERSION: u32 = 1;
+/// Version of this section's layout. Version 2 added per-stage [`StageFeatures`] and the
+/// [`Combiner`]; a build that only knew version 1 would misread both, so it must refuse.
+pub const CALIBRATION_VERSION: u32 = 2;
+
+/// Oldest layout this build still reads: a version-1 section is a version-2 one with GAP
+/// features everywhere and the smallest-p combination.
+pub const OLDEST_CALIBRATION_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
@@ -32,8 +37,11 @@ pub struct Calibration {
     pub stages: Vec<StageStats>,
     /// Sorted clean scores of every component, by component name.
     pub tables: BTreeMap<String, Vec<f64>>,
-    /// Components the combined score takes the smallest p-value over.
+    /// Components the combined score combines the p-values of.
     pub combined_components: Vec<String>,
+    /// How it combines them.
+    #[serde(default)]
+    pub combiner: Combiner,
     /// Sorted clean combined scores (the threshold is their quantile).
     pub combined_table: Vec<f64>,
     /// Global threshold per verdict score at `fpr`.
@@ -43,17 +51,61 @@ pub struct Calibration {
     pub class_thresholds: BTreeMap<String, Vec<Option<f64>>>,
 }
 
-/// Clean statistics of one stage's GAP activations.
+/// How the combined score merges its components' p-values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combiner {
+    /// −ln of the smallest p-value.
+    #[default]
+    MinP,
+    /// −ln of the harmonic mean p-value, ln(mean of 1/p) (Wilson 2019): led by the smallest
+    /// p-value like min-p, but two moderately small ones add up, so a clean image needs one
+    /// really small p-value to be flagged, which spends less of the false-positive budget on
+    /// the component (the margin) whose clean tail is widest.
+    HarmonicMean,
+}
+
+/// What a stage's per-image feature vector holds, each block `channels` long.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageFeatures {
+    /// The GAP of each channel.
+    #[default]
+    Mean,
+    /// GAP, then the spatial output ([`crate::StageOutput::spatial`]): each channel's standard
+    /// deviation over positions and its share of positions above zero. Noise-like
+    /// perturbations (FGSM) change how a filter's response is spread and how often it fires
+    /// more than its average.
+    MeanStdOccupancy,
+}
+
+impl StageFeatures {
+    /// Values per channel.
+    pub fn width(self) -> usize {
+        match self {
+            Self::Mean => 1,
+            Self::MeanStdOccupancy => 3,
+        }
+    }
+}
+
+/// Clean statistics of one stage's per-image features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {
-    /// ONNX output name.
+    /// ONNX output name of the stage's GAP.
     pub output: String,
+    /// ONNX output name of its spatial statistics, read when `features` needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spatial_output: Option<String>,
     /// 0-based stage index.
     pub stage: usize,
+    /// The stage's channels (filters).
     pub channels: usize,
-    /// Class means [C][channels], over correctly classified clean images.
+    #[serde(default)]
+    pub features: StageFeatures,
+    /// Class means [C][dim], over correctly classified clean images.
     pub means: Vec<Vec<f32>>,
-    /// Per-filter pooled within-class std (for z-scores in explanations).
+    /// Per-feature pooled within-class std (for z-scores in explanations), [dim].
     pub std: Vec<f32>,
     pub metric: StageMetric,
 }
@@ -88,6 +140,7 @@ impl Default for Calibration {
             stages: Vec::new(),
             tables: BTreeMap::new(),
             combined_components: Vec::new(),
+            combiner: Combiner::default(),
             combined_table: Vec::new(),
             thresholds: BTreeMap::new(),
             class_thresholds: BTreeMap::new(),
@@ -99,5 +152,19 @@ impl StageStats {
     /// Component name, e.g. `stage2_mahalanobis` (1-based like the output names).
     pub fn component_name(&self) -> String {
         format!("stage{}_mahalanobis", self.stage + 1)
+    }
+
+    /// Length of the feature vector: channels × values per channel.
+    pub fn dim(&self) -> usize {
+        self.channels * self.features.width()
+    }
+
+    /// The model outputs its features are read from, in order (GAP, then spatial).
+    pub fn outputs(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.output.as_str()).chain(
+            self.spatial_output
+                .as_deref()
+                .filter(|_| self.features == StageFeatures::MeanStdOccupancy),
+        )
     }
 }

@@ -138,6 +138,11 @@ pub struct StageOutput {
     pub stage: usize,
     pub name: String,
     pub channels: usize,
+    /// [N, 2·channels] output of the same feature map's per-channel spatial statistics:
+    /// the standard deviation over positions, then the share of positions above zero
+    /// (see [`crate::calibration::StageFeatures`]). Absent in bundles from older exporters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spatial: Option<String>,
 }
 
 /// Provenance of the exported weights.

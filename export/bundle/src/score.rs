@@ -6,7 +6,7 @@
 //! class-conditional Mahalanobis distance on the predicted class's gated filters exposes
 //! FGSM/PGD, and the logit margin exposes minimal-perturbation attacks (CW, DeepFool).
 
-use crate::calibration::{StageMetric, StageStats};
+use crate::calibration::{Combiner, StageMetric, StageStats};
 
 /// Index of the largest logit (first on ties) and its softmax probability.
 pub fn top_class(logits: &[f32]) -> (usize, f32) {
@@ -113,10 +113,39 @@ pub fn p_value(sorted_clean: &[f64], score: f64) -> f64 {
     (1 + at_or_above) as f64 / (sorted_clean.len() + 1) as f64
 }
 
-/// The combined score: the smallest p-value's −ln (each attack family lights up one
-/// component; Fisher's sum diluted that signal in REFERENCE §3).
+/// The smallest p-value's −ln (each attack family lights up one component; Fisher's sum
+/// diluted that signal in REFERENCE §3).
 pub fn min_p_combination(p_values: &[f64]) -> f64 {
     p_values.iter().map(|p| -p.ln()).fold(0.0, f64::max)
+}
+
+/// −ln of the harmonic mean of the p-values: ln(Σ 1/p / n). Equal to −ln p for one
+/// component; 0 for none.
+pub fn harmonic_mean_combination(p_values: &[f64]) -> f64 {
+    if p_values.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = p_values.iter().map(|p| 1.0 / p).sum();
+    (sum / p_values.len() as f64).ln()
+}
+
+/// The combined score of component p-values under `combiner`.
+pub fn combine(combiner: Combiner, p_values: &[f64]) -> f64 {
+    match combiner {
+        Combiner::MinP => min_p_combination(p_values),
+        Combiner::HarmonicMean => harmonic_mean_combination(p_values),
+    }
+}
+
+/// The per-channel spatial statistics of a feature map as the exporter's spatial output
+/// defines them, from one channel's values over positions: (standard deviation, share of
+/// values above zero). The variance is E[x²] − E[x]², clamped at zero as the graph does.
+pub fn spatial_stats(channel: &[f32]) -> (f32, f32) {
+    let n = channel.len().max(1) as f64;
+    let mean = channel.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let square = channel.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n;
+    let above = channel.iter().filter(|&&v| v > 0.0).count() as f64 / n;
+    ((square - mean * mean).max(0.0).sqrt() as f32, above as f32)
 }
 
 /// ln Mahalanobis distance of `acts` to class `class`'s clean mean at one stage.
@@ -217,5 +246,30 @@ mod tests {
         assert_eq!(p_value(&table, 3.0), 3.0 / 5.0);
         assert_eq!(p_value(&table, 10.0), 1.0 / 5.0);
         assert!((min_p_combination(&[0.5, 0.01]) - -(0.01f64).ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn harmonic_mean_combination_matches_hand_computation() {
+        // Harmonic mean of 0.5 and 0.01 is 2 / (2 + 100); its −ln is ln(51).
+        let hmp = harmonic_mean_combination(&[0.5, 0.01]);
+        assert!((hmp - 51.0f64.ln()).abs() < 1e-12);
+        // One component: the same as min-p. Two equal small p-values add up to no more
+        // than one of them alone, unlike Fisher's sum.
+        assert!((harmonic_mean_combination(&[0.02]) - min_p_combination(&[0.02])).abs() < 1e-12);
+        assert!((harmonic_mean_combination(&[0.02, 0.02]) - -(0.02f64).ln()).abs() < 1e-12);
+        assert_eq!(harmonic_mean_combination(&[]), 0.0);
+        assert_eq!(
+            combine(Combiner::MinP, &[0.5, 0.01]),
+            min_p_combination(&[0.5, 0.01])
+        );
+        assert_eq!(combine(Combiner::HarmonicMean, &[0.5, 0.01]), hmp);
+    }
+
+    #[test]
+    fn spatial_stats_of_a_constructed_channel() {
+        // Values 0, 0, 2, 2: mean 1, E[x²] 2, variance 1; half the positions fire.
+        assert_eq!(spatial_stats(&[0.0, 0.0, 2.0, 2.0]), (1.0, 0.5));
+        assert_eq!(spatial_stats(&[3.0, 3.0]), (0.0, 1.0));
+        assert_eq!(spatial_stats(&[0.0; 4]), (0.0, 0.0));
     }
 }

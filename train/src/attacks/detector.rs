@@ -1,24 +1,36 @@
 //! The detector as the adaptive attack sees it: the daemon's combined score, computed with
 //! the shared score functions ([`csg_bundle::score`]), and a differentiable stand-in.
 //!
-//! The daemon flags an image when its combined score S = max_k −ln p_k exceeds the
-//! calibrated threshold T of its predicted class ĉ, where p_k is the empirical p-value of
-//! component k against its sorted clean table: per-stage log Mahalanobis distance to ĉ's clean
-//! mean (over ĉ's gated filters at a gated stage), and the logit margin −ln(Z₁ − Z₂).
-//! S ≤ T holds exactly when every component's score is at most a cutoff q_k(ĉ), the table
-//! value at which −ln p_k reaches T ([`cutoff`]). [`DetectorSurrogate::judge`] computes S
-//! exactly, as the daemon does; `surrogate` is its differentiable stand-in,
-//! Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ), zero-ish once every component is δ under its cutoff.
+//! The daemon flags an image when its combined score S exceeds the calibrated threshold T of
+//! its predicted class ĉ. S combines the empirical p-values p_k of the components against their
+//! sorted clean tables (per-stage log Mahalanobis distance to ĉ's clean mean, over ĉ's gated
+//! filters at a gated stage, and the logit margin −ln(Z₁ − Z₂)): S = max_k −ln p_k (min-p) or
+//! S = ln(mean_k 1/p_k) (harmonic mean, never above the min-p score). Either way S ≤ T holds
+//! when every component's score is at most a cutoff q_k(ĉ), the table value at which −ln p_k
+//! reaches T ([`cutoff`]): exactly for min-p, as a sufficient condition for the harmonic mean.
+//! [`DetectorSurrogate::judge`] computes S exactly, as the daemon does; `surrogate` is its
+//! differentiable stand-in, Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ), zero-ish once every
+//! component is δ under its cutoff.
+//!
+//! A stage calibrated with spatial statistics reads each channel's GAP, spatial std and share
+//! of positions above zero. The share is a step function; the surrogate uses
+//! mean(tanh(x / [`OCCUPANCY_TEMPERATURE`])) over positions instead, which has a gradient
+//! wherever the ReLU passes one.
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{softmax, softplus};
-use csg_bundle::calibration::{Calibration, StageMetric, StageStats};
+use csg_bundle::calibration::{Calibration, Combiner, StageFeatures, StageMetric, StageStats};
 use csg_bundle::score;
 use serde::{Deserialize, Serialize};
 
 use super::{AttackError, argmax, index_tensor, rows};
 use crate::model::Forward;
+
+/// Scale of the smooth stand-in for "above zero" in the spatial occupancy: post-ReLU
+/// activations of the shipped models are of order 0.1–1, so tanh(x / 0.05) is near 1 for
+/// all but the faintest responses.
+pub const OCCUPANCY_TEMPERATURE: f32 = 0.05;
 
 /// What a component measures.
 enum Kind {
@@ -45,6 +57,7 @@ struct Component {
 /// checking) and as a differentiable surrogate (for gradients).
 pub struct DetectorSurrogate {
     components: Vec<Component>,
+    combiner: Combiner,
     thresholds: Vec<f64>,
     classes: usize,
 }
@@ -108,8 +121,8 @@ impl DetectorSurrogate {
                         .iter()
                         .find(|s| &s.component_name() == name)
                         .ok_or_else(|| bad(format!("component {name} is not supported")))?;
-                    let d = s.channels;
-                    if stage_channels.get(s.stage) != Some(&d)
+                    let d = s.dim();
+                    if stage_channels.get(s.stage) != Some(&s.channels)
                         || s.means.len() != classes
                         || s.means.iter().any(|m| m.len() != d)
                     {
@@ -155,6 +168,7 @@ impl DetectorSurrogate {
         }
         Ok(Self {
             components,
+            combiner: cal.combiner,
             thresholds,
             classes,
         })
@@ -172,20 +186,28 @@ impl DetectorSurrogate {
             .collect()
     }
 
-    /// The exact detector on one image's logits and per-stage GAP activations.
+    /// The exact detector on one image's logits and per-stage features: each stage's GAP,
+    /// followed by its spatial statistics where the calibration reads them.
     pub fn judge(&self, logits: &[f32], stages: &[&[f32]]) -> Judgement {
         let class = argmax(logits);
-        let mut combined = 0.0f64;
-        for comp in &self.components {
-            let raw = match &comp.kind {
-                Kind::Margin => score::margin_score(logits),
-                Kind::Msp => score::msp_score(logits),
-                Kind::Stage { stats, .. } => stages
-                    .get(stats.stage)
-                    .map_or(f64::INFINITY, |acts| score::stage_score(stats, acts, class)),
-            };
-            combined = combined.max(-score::p_value(&comp.table, raw).ln());
-        }
+        let p_values: Vec<f64> = self
+            .components
+            .iter()
+            .map(|comp| {
+                let raw = match &comp.kind {
+                    Kind::Margin => score::margin_score(logits),
+                    Kind::Msp => score::msp_score(logits),
+                    Kind::Stage { stats, .. } => stages
+                        .get(stats.stage)
+                        .filter(|features| features.len() == stats.dim())
+                        .map_or(f64::INFINITY, |features| {
+                            score::stage_score(stats, features, class)
+                        }),
+                };
+                score::p_value(&comp.table, raw)
+            })
+            .collect();
+        let combined = score::combine(self.combiner, &p_values);
         let threshold = self.thresholds[class.min(self.classes - 1)];
         Judgement {
             class,
@@ -195,10 +217,37 @@ impl DetectorSurrogate {
         }
     }
 
+    /// Stages whose calibration reads spatial statistics.
+    fn spatial_stages(&self) -> Vec<usize> {
+        self.components
+            .iter()
+            .filter_map(|c| match &c.kind {
+                Kind::Stage { stats, .. } if stats.features == StageFeatures::MeanStdOccupancy => {
+                    Some(stats.stage)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Judges every image of a (plain) forward pass.
     pub fn judge_forward(&self, out: Forward) -> Vec<Judgement> {
         let logits = rows(out.logits);
-        let stages: Vec<Vec<Vec<f32>>> = out.stage_activations.into_iter().map(rows).collect();
+        let spatial = self.spatial_stages();
+        let mut stages: Vec<Vec<Vec<f32>>> = out.stage_activations.into_iter().map(rows).collect();
+        for (s, map) in out.stage_maps.into_iter().enumerate() {
+            if !spatial.contains(&s) {
+                continue;
+            }
+            let [n, c, h, w] = map.dims();
+            let values: Vec<f32> = map.into_data().iter().collect();
+            for (i, image) in values.chunks(c * h * w).take(n).enumerate() {
+                let (std, occupancy): (Vec<f32>, Vec<f32>) =
+                    image.chunks(h * w).map(score::spatial_stats).unzip();
+                stages[s][i].extend(std);
+                stages[s][i].extend(occupancy);
+            }
+        }
         (0..logits.len())
             .map(|i| {
                 let acts: Vec<&[f32]> = stages.iter().map(|s| s[i].as_slice()).collect();
@@ -231,8 +280,15 @@ impl DetectorSurrogate {
             }
             let score = match &comp.kind {
                 Kind::Stage { stats, padded } => {
-                    let Some(acts) = out.stage_activations.get(stats.stage) else {
+                    let Some(gap) = out.stage_activations.get(stats.stage) else {
                         continue;
+                    };
+                    let acts = match (stats.features, out.stage_maps.get(stats.stage)) {
+                        (StageFeatures::Mean, _) => gap.clone(),
+                        (StageFeatures::MeanStdOccupancy, Some(map)) => {
+                            smooth_spatial_features(map.clone(), gap.clone())
+                        }
+                        (StageFeatures::MeanStdOccupancy, None) => continue,
                     };
                     let means = &stats.means;
                     let d = means.first().map_or(0, Vec::len);
@@ -266,6 +322,22 @@ impl DetectorSurrogate {
         }
         total
     }
+}
+
+/// `[gap, std, smooth occupancy]` of a `[N, C, h, w]` map, `[N, 3C]`, differentiable: the
+/// std as the exporter computes it (sqrt of the clamped E[x²] − E[x]², nudged off zero so its
+/// gradient stays finite), the occupancy as mean(tanh(x / OCCUPANCY_TEMPERATURE)).
+fn smooth_spatial_features(map: Tensor<4>, gap: Tensor<2>) -> Tensor<2> {
+    let [n, c, h, w] = map.dims();
+    let flat = map.reshape([n, c, h * w]);
+    let mean_square = flat.clone().powf_scalar(2.0).mean_dim(2).reshape([n, c]);
+    let variance = (mean_square - gap.clone().powf_scalar(2.0)).clamp_min(0.0);
+    let std = (variance + 1e-12).sqrt();
+    let occupancy = (flat / OCCUPANCY_TEMPERATURE)
+        .tanh()
+        .mean_dim(2)
+        .reshape([n, c]);
+    Tensor::cat(vec![gap, std, occupancy], 1)
 }
 
 fn one_hot(classes: &[usize], c: usize, device: &Device) -> Tensor<2> {
