@@ -101,7 +101,8 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-/// Synthetic outputs of the widths `detector` reads: logits, then each stage's GAP.
+/// Synthetic outputs of the widths `detector` reads: logits, then each stage's GAP (and
+/// feature map, where the detector reads its spatial statistics).
 fn sample_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<f32>>) {
     let logits: Vec<f32> = (0..meta.classes.len())
         .map(|i| (i as f32 * 0.37).sin() * 3.0)
@@ -110,14 +111,23 @@ fn sample_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<
         .stage_outputs()
         .iter()
         .map(|name| {
+            let side = |stage: usize| {
+                let size = |input: usize| meta.architecture.stage_sizes(input)[stage];
+                size(meta.input.height) * size(meta.input.width)
+            };
             let width = if *name == meta.outputs.activations {
                 meta.architecture.filters()
+            } else if let Some(s) = meta.outputs.stages.iter().find(|s| s.name == *name) {
+                s.channels
+            } else if let Some(s) = meta
+                .outputs
+                .stages
+                .iter()
+                .find(|s| s.map.as_deref() == Some(name.as_str()))
+            {
+                s.channels * side(s.stage)
             } else {
-                meta.outputs
-                    .stages
-                    .iter()
-                    .find(|s| s.name == *name)
-                    .map_or(0, |s| s.channels)
+                0
             };
             (0..width)
                 .map(|i| ((i as f32) * 0.11).cos().abs())
@@ -138,6 +148,16 @@ fn scoring(c: &mut Criterion) {
     ] {
         let detector = Detector::new(&meta, kind).expect("the shipped bundle's detector");
         let (logits, stages) = sample_outputs(&meta, &detector);
+        // Every component must be computed, or the benchmark times a shortcut.
+        let verdict = detector.judge(&Sample {
+            logits: &logits,
+            stages: stages.iter().map(Vec::as_slice).collect(),
+        });
+        assert!(
+            verdict.components.iter().all(|c| c.score.is_finite()),
+            "{:?}",
+            verdict.components
+        );
         group.bench_function(kind.name(), |b| {
             b.iter(|| {
                 detector.judge(&Sample {

@@ -7,7 +7,7 @@ use csg_bundle::dataset::{self, Dataset};
 use csg_bundle::{BundleMeta, InputSpec};
 use ndarray::Array4;
 
-use crate::detect::fit::{self, CleanOutputs, FitOptions};
+use crate::detect::fit::{self, CleanOutputs, FitOptions, StageRead};
 use crate::detect::{Calibration, DetectError};
 use crate::preprocess;
 use crate::runtime::{Model, RuntimeError};
@@ -180,14 +180,13 @@ fn folder_images(dir: &Path, meta: &BundleMeta) -> Result<CleanImages, Calibrate
     })
 }
 
-/// (output name, 0-based stage, values per image) of the outputs to read: each chosen stage's
-/// GAP, followed by its spatial statistics when `spatial` and the model exports them; the
-/// gated stage's GAP last.
+/// The outputs to read: each chosen stage's GAP, followed by its feature map when `spatial`
+/// and the model exports it; the gated stage's GAP last.
 pub fn stage_outputs(
     meta: &BundleMeta,
     stages: Option<&[usize]>,
     spatial: bool,
-) -> Result<Vec<(String, usize, usize)>, CalibrateError> {
+) -> Result<Vec<StageRead>, CalibrateError> {
     let channels = meta.architecture.stage_channels();
     let last = channels.len() - 1;
     let wanted: Vec<usize> = match stages {
@@ -196,8 +195,7 @@ pub fn stage_outputs(
             .map(|s| s.saturating_sub(1))
             .filter(|&s| s != last)
             .collect(),
-        None if channels.len() >= 3 => vec![1],
-        None => vec![],
+        None => meta.architecture.default_detector_stages(),
     };
     let mut out = Vec::new();
     for stage in wanted {
@@ -212,12 +210,23 @@ pub fn stage_outputs(
                     .collect::<Vec<_>>()
             )));
         };
-        out.push((output.name.clone(), stage, output.channels));
-        if let Some(name) = output.spatial.as_ref().filter(|_| spatial) {
-            out.push((name.clone(), stage, 2 * output.channels));
+        let read = |output: &str, map| StageRead {
+            output: output.to_string(),
+            stage,
+            channels: channels[stage],
+            map,
+        };
+        out.push(read(&output.name, false));
+        if let Some(map) = output.map.as_deref().filter(|_| spatial) {
+            out.push(read(map, true));
         }
     }
-    out.push((meta.outputs.activations.clone(), last, channels[last]));
+    out.push(StageRead {
+        output: meta.outputs.activations.clone(),
+        stage: last,
+        channels: channels[last],
+        map: false,
+    });
     Ok(out)
 }
 
@@ -226,11 +235,11 @@ fn run_model(
     model: &mut Model,
     images: &CleanImages,
     indices: &[usize],
-    stages: &[(String, usize, usize)],
+    stages: &[StageRead],
     batch_size: usize,
 ) -> Result<CleanOutputs, CalibrateError> {
     let names: Vec<String> = std::iter::once(model.meta().outputs.logits.clone())
-        .chain(stages.iter().map(|(n, _, _)| n.clone()))
+        .chain(stages.iter().map(|read| read.output.clone()))
         .collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {
@@ -245,7 +254,12 @@ fn run_model(
             outputs.logits.extend(logits.iter());
         }
         for (stage, values) in outputs.stages.iter_mut().zip(results) {
-            stage.values.extend(values.iter());
+            for row in values.rows() {
+                let row = row.as_slice().ok_or_else(|| {
+                    CalibrateError::Invalid(format!("output {} is not contiguous", stage.output))
+                })?;
+                stage.push_image(row)?;
+            }
         }
     }
     Ok(outputs)

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use csg_bundle::BundleMeta;
-use ndarray::{Array2, ArrayD, ArrayView4, Ix2};
+use ndarray::{Array2, ArrayD, ArrayView4};
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::{TensorElementType, TensorRef};
@@ -164,9 +164,9 @@ impl Model {
         &self.outputs
     }
 
-    /// Runs a batch `[N, C, H, W]` and returns the requested outputs, each `[N, D]`, in the
-    /// order requested (e.g. `["logits", "stage2_activations", "activations"]`). Only those
-    /// outputs are computed.
+    /// Runs a batch `[N, C, H, W]` and returns the requested outputs, each flattened to
+    /// `[N, D]` (a stage's `[N, C, h, w]` feature map becomes `[N, C·h·w]`, channel planes in
+    /// order), in the order requested (e.g. `["logits", "stage2_activations", "activations"]`).
     pub fn run(
         &mut self,
         input: ArrayView4<f32>,
@@ -177,11 +177,24 @@ impl Model {
             .zip(outputs)
             .map(|(array, name)| {
                 let shape = array.shape().to_vec();
-                array.into_dimensionality::<Ix2>().map_err(|_| {
+                let rows = shape.first().copied().unwrap_or(0);
+                let width = shape.iter().skip(1).product::<usize>();
+                let bad = || {
                     RuntimeError::Inference(format!(
-                        "output {name:?} has shape {shape:?}, expected [N, D]"
+                        "output {name:?} has shape {shape:?}, expected [N, …] with N ≥ 1"
                     ))
-                })
+                };
+                if shape.len() < 2 {
+                    return Err(bad());
+                }
+                let array = if array.is_standard_layout() {
+                    array
+                } else {
+                    array.as_standard_layout().into_owned()
+                };
+                array
+                    .into_shape_with_order((rows, width))
+                    .map_err(|_| bad())
             })
             .collect()
     }

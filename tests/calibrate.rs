@@ -39,10 +39,7 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     // combined by their harmonic mean; the gated stage stays GAP-only.
     use csg_bundle::calibration::{Combiner, StageFeatures};
     assert_eq!(cal.stages[0].features, StageFeatures::MeanStdOccupancy);
-    assert_eq!(
-        cal.stages[0].spatial_output.as_deref(),
-        Some("stage2_spatial")
-    );
+    assert_eq!(cal.stages[0].map_output.as_deref(), Some("stage2_map"));
     assert_eq!(cal.stages[0].means[0].len(), 3 * cal.stages[0].channels);
     assert_eq!(cal.stages[1].features, StageFeatures::Mean);
     assert_eq!(cal.combiner, Combiner::HarmonicMean);
@@ -92,7 +89,7 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
         .calibration
         .expect("calibrated");
     assert_eq!(cal.stages[0].features, StageFeatures::Mean);
-    assert_eq!(cal.stages[0].spatial_output, None);
+    assert_eq!(cal.stages[0].map_output, None);
     assert_eq!(cal.combiner, Combiner::MinP);
 }
 

@@ -220,7 +220,7 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let classes = meta.classes.len();
     let stages = csgd::calibrate::stage_outputs(&meta, None, true)?;
     let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
-        .chain(stages.iter().map(|(n, _, _)| n.as_str()))
+        .chain(stages.iter().map(|read| read.output.as_str()))
         .collect();
     let empty = || CleanOutputs::for_stages(&stages);
     let mut sets = [empty(), empty()];
@@ -252,7 +252,8 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
             set.labels.push(label);
             set.logits.extend(row);
             for (stage, values) in set.stages.iter_mut().zip(stage_values) {
-                stage.values.extend(values.row(k).iter());
+                let row = values.row(k).to_vec();
+                stage.push_image(&row)?;
             }
         }
     }

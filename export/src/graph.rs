@@ -38,9 +38,9 @@ pub fn stage_output_name(index: usize) -> String {
     format!("stage{}_activations", index + 1)
 }
 
-/// Name of the output holding stage `index`'s spatial statistics (see [`StageOutput::spatial`]).
-pub fn stage_spatial_name(index: usize) -> String {
-    format!("stage{}_spatial", index + 1)
+/// Name of the output holding stage `index`'s feature map (see [`StageOutput::map`]).
+pub fn stage_map_name(index: usize) -> String {
+    format!("stage{}_map", index + 1)
 }
 
 /// What to put in the graph besides logits and activations.
@@ -50,8 +50,8 @@ pub struct GraphOptions {
     pub fold_bn: bool,
     /// 0-based indices of the earlier stages whose GAP to export, ascending.
     pub stages: Vec<usize>,
-    /// Beside each of those GAPs, also export the stage's spatial statistics.
-    pub spatial: bool,
+    /// 0-based indices of the stages among those whose feature map to export as well.
+    pub stage_maps: Vec<usize>,
     /// Also export the gated stage's feature map.
     pub feature_map: bool,
     /// Input height and width.
@@ -117,20 +117,27 @@ pub fn build_model(
             b.gap(&out, &name);
             let channels = stage_channels.get(i).copied().unwrap_or(0);
             graph_outputs.push(value_info(&name, &[Dim::Batch, Dim::Fixed(channels)]));
-            let spatial = options.spatial.then(|| {
-                let spatial = stage_spatial_name(i);
-                b.spatial(&out, &format!("{name}.gap"), &spatial);
+            let map = options.stage_maps.contains(&i).then(|| {
+                let map = stage_map_name(i);
+                b.node("Identity", &map, &[&out], &map, vec![]);
+                let (h, w) = options.input_hw;
+                let size = |side: usize| arch.stage_sizes(side).get(i).copied().unwrap_or(0);
                 graph_outputs.push(value_info(
-                    &spatial,
-                    &[Dim::Batch, Dim::Fixed(2 * channels)],
+                    &map,
+                    &[
+                        Dim::Batch,
+                        Dim::Fixed(channels),
+                        Dim::Fixed(size(h)),
+                        Dim::Fixed(size(w)),
+                    ],
                 ));
-                spatial
+                map
             });
             stage_outputs.push(StageOutput {
                 stage: i,
                 name,
                 channels,
-                spatial,
+                map,
             });
         }
         x = match stage {
@@ -280,81 +287,6 @@ impl Builder {
             "Flatten",
             &format!("{output}.flatten"),
             &[&pooled],
-            output,
-            vec![int_attr("axis", 1)],
-        );
-    }
-
-    /// Per-channel spatial statistics of `x` `[N, C, h, w]` → `[N, 2C]` named `output`: the
-    /// standard deviation over positions, sqrt(relu(E[x²] − E[x]²)) with `pooled` = E[x] as
-    /// `[N, C, 1, 1]`, then the share of positions with x > 0
-    /// ([`csg_bundle::score::spatial_stats`] is the same formula).
-    fn spatial(&mut self, x: &str, pooled: &str, output: &str) {
-        let n = |part: &str| format!("{output}.{part}");
-        self.node("Mul", &n("square"), &[x, x], &n("square"), vec![]);
-        self.node(
-            "GlobalAveragePool",
-            &n("mean_square"),
-            &[&n("square")],
-            &n("mean_square"),
-            vec![],
-        );
-        self.node(
-            "Mul",
-            &n("square_mean"),
-            &[pooled, pooled],
-            &n("square_mean"),
-            vec![],
-        );
-        self.node(
-            "Sub",
-            &n("variance"),
-            &[&n("mean_square"), &n("square_mean")],
-            &n("variance"),
-            vec![],
-        );
-        // Rounding can leave E[x²] − E[x]² slightly negative for a flat channel.
-        let clamped = self.relu(&n("variance"), &n("variance.clamped"));
-        self.node("Sqrt", &n("std"), &[&clamped], &n("std"), vec![]);
-        self.initializer(
-            &n("zero"),
-            Tensor {
-                shape: vec![],
-                data: vec![0.0],
-            },
-        );
-        self.node(
-            "Greater",
-            &n("fires"),
-            &[x, &n("zero")],
-            &n("fires"),
-            vec![],
-        );
-        self.node(
-            "Cast",
-            &n("fires.float"),
-            &[&n("fires")],
-            &n("fires.float"),
-            vec![int_attr("to", DataType::FLOAT as i64)],
-        );
-        self.node(
-            "GlobalAveragePool",
-            &n("occupancy"),
-            &[&n("fires.float")],
-            &n("occupancy"),
-            vec![],
-        );
-        self.node(
-            "Concat",
-            &n("concat"),
-            &[&n("std"), &n("occupancy")],
-            &n("concat"),
-            vec![int_attr("axis", 1)],
-        );
-        self.node(
-            "Flatten",
-            &n("flatten"),
-            &[&n("concat")],
             output,
             vec![int_attr("axis", 1)],
         );

@@ -22,7 +22,7 @@ pub use export::{
     ExportOptions, Exported, Format, IMAGENET_MEAN, IMAGENET_STD, OFFICIAL_CLASSES,
     OFFICIAL_INPUT_SIZE, StageSelection, detect_format, export,
 };
-pub use graph::{ACTIVATIONS, FEATURE_MAP, INPUT, LOGITS, stage_output_name, stage_spatial_name};
+pub use graph::{ACTIVATIONS, FEATURE_MAP, INPUT, LOGITS, stage_map_name, stage_output_name};
 pub use heatmap::render_gate;
 pub use inspect::summary;
 pub use safetensors_ckpt::{ARCH_KEY, CLASSES_KEY, INPUT_KEY, report_path};

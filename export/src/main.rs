@@ -67,10 +67,11 @@ struct ExportArgs {
     /// Earlier stages whose GAP to export: all, none, or 1-based numbers like 1,2.
     #[arg(long, default_value = "all")]
     stages: String,
-    /// Do not export the earlier stages' spatial statistics (`stageN_spatial`: per-channel
-    /// std and share of positions above zero), which calibration uses by default.
-    #[arg(long)]
-    no_spatial: bool,
+    /// Earlier stages whose feature map to export as `stageN_map` (calibration computes
+    /// spatial statistics from it): default (the stages the detector reads by default), all,
+    /// none, or 1-based numbers like 2,3. Each must also be in --stages.
+    #[arg(long, default_value = "default")]
+    stage_maps: String,
     /// Also export the gated stage's feature map [N, K, h, w] as `feature_map`.
     #[arg(long)]
     feature_map: bool,
@@ -79,7 +80,7 @@ struct ExportArgs {
     no_fold_bn: bool,
 }
 
-fn parse_stages(text: &str) -> Result<StageSelection> {
+fn parse_stages(text: &str, flag: &str) -> Result<StageSelection> {
     match text.trim() {
         "all" => Ok(StageSelection::All),
         "none" | "" => Ok(StageSelection::None),
@@ -88,7 +89,7 @@ fn parse_stages(text: &str) -> Result<StageSelection> {
                 .split(',')
                 .map(|s| {
                     s.trim().parse::<usize>().with_context(|| {
-                        format!("--stages expects all, none or numbers like 1,2; found {s:?}")
+                        format!("{flag} expects all, none or numbers like 1,2; found {s:?}")
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -110,8 +111,11 @@ fn run_export(args: ExportArgs) -> Result<()> {
         std: args.std,
         name: args.name,
         version: args.version,
-        stages: parse_stages(&args.stages)?,
-        spatial: !args.no_spatial,
+        stages: parse_stages(&args.stages, "--stages")?,
+        stage_maps: match args.stage_maps.trim() {
+            "default" => None,
+            text => Some(parse_stages(text, "--stage-maps")?),
+        },
         feature_map: args.feature_map,
         fold_bn: !args.no_fold_bn,
     };

@@ -42,6 +42,7 @@ fn check(net: &Net, size: usize, forward: impl Fn(Array4<f32>) -> Forward, fold:
     let options = ExportOptions {
         fold_bn: fold,
         feature_map: true,
+        stage_maps: Some(StageSelection::All),
         ..ExportOptions::default()
     };
     let done = export(&ckpt_path, &out, &options).unwrap();
@@ -88,17 +89,12 @@ fn check(net: &Net, size: usize, forward: impl Fn(Array4<f32>) -> Forward, fold:
         let name = csg_export::stage_output_name(i);
         assert_eq!(meta.outputs.stages[i].name, name);
         assert_close(&name, &got[&name], &to_array(stage.view().into_dyn()), TOL);
-        let spatial = csg_export::stage_spatial_name(i);
-        assert_eq!(
-            meta.outputs.stages[i].spatial.as_deref(),
-            Some(spatial.as_str())
-        );
-        // Occupancy is a share of positions: a value within TOL of zero on one side could
-        // flip, which would move it by 1/(h·w); the random inputs make that vanishingly rare.
+        let map = csg_export::stage_map_name(i);
+        assert_eq!(meta.outputs.stages[i].map.as_deref(), Some(map.as_str()));
         assert_close(
-            &spatial,
-            &got[&spatial],
-            &to_array(want.spatial[i].view().into_dyn()),
+            &map,
+            &got[&map],
+            &to_array(want.maps[i].view().into_dyn()),
             TOL,
         );
     }
@@ -185,7 +181,18 @@ fn stage_selection_and_overrides() {
     let got = run_model(&out, &input);
     assert_eq!(got["stage2_activations"].shape, vec![1, 6]);
     assert!(!got.contains_key("stage1_activations") && !got.contains_key("feature_map"));
-    assert_eq!(got["stage2_spatial"].shape, vec![1, 12]);
+    // By default the detector's stage keeps its map: stage 2 of this 16×16 CNN, 6 channels
+    // at 8×8 (after stage 1's pool).
+    assert_eq!(meta.outputs.stages[0].map.as_deref(), Some("stage2_map"));
+    assert_eq!(got["stage2_map"].shape, vec![1, 6, 8, 8]);
+    // A map needs its stage's GAP too.
+    let options = ExportOptions {
+        stages: StageSelection::List(vec![2]),
+        stage_maps: Some(StageSelection::List(vec![1])),
+        ..ExportOptions::default()
+    };
+    let err = export(&path, &out, &options).unwrap_err().to_string();
+    assert!(err.contains("--stages"), "{err}");
 
     // Calibration rewrites the metadata in place; the graph must still load and agree.
     let mut calibrated = meta.clone();

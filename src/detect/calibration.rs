@@ -34,13 +34,13 @@ pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError>
                 .outputs
                 .stages
                 .iter()
-                .any(|o| o.stage == stage.stage && o.spatial == stage.spatial_output);
-            if stage.spatial_output.is_none() || !declared {
+                .any(|o| o.stage == stage.stage && o.map == stage.map_output);
+            if stage.map_output.is_none() || !declared {
                 return bad(format!(
-                    "stage {} uses spatial statistics, but the model declares no output {:?} \
-                     for them",
+                    "stage {} uses spatial statistics, but the model declares no feature map \
+                     output {:?} for them",
                     stage.stage + 1,
-                    stage.spatial_output.as_deref().unwrap_or("")
+                    stage.map_output.as_deref().unwrap_or("")
                 ));
             }
         }
@@ -133,40 +133,49 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_detector_reads_stage_two_with_its_spatial_statistics() {
+    fn the_shipped_detector_reads_stage_two_with_its_map_statistics() {
         let meta = shipped();
         let cal = meta.calibration.clone().expect("calibrated");
         assert_eq!(cal.combiner, Combiner::HarmonicMean);
         let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
         assert_eq!(
             detector.stage_outputs(),
-            ["stage2_activations", "stage2_spatial", "activations"]
+            ["stage2_activations", "stage2_map", "activations"]
         );
-        // Stage 2's clean class-0 mean as the input: its GAP and spatial parts are read
-        // together, so the distance to class 0's mean is zero (−ln of the 1e-12 floor).
+        // A constructed 14×14 map: channel k is k/10 on its left half, 0 elsewhere.
         let stage2 = &cal.stages[0];
-        let (gap, spatial) = stage2.means[0].split_at(stage2.channels);
+        let c = stage2.channels;
+        let map: Vec<f32> = (0..c * 196)
+            .map(|i| {
+                let (k, pos) = (i / 196, i % 196);
+                if pos % 14 < 7 { k as f32 / 10.0 } else { 0.0 }
+            })
+            .collect();
+        let gap: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
         let gated = cal.stages[1].means[0].clone();
         let mut logits = vec![0.0f32; 10];
-        logits[0] = 5.0;
+        logits[3] = 5.0;
         let sample = Sample {
             logits: &logits,
-            stages: vec![gap, spatial, &gated],
+            stages: vec![&gap, &map, &gated],
         };
+        // Stage 2 is scored on its GAP followed by the map's std (k/20) and share above zero
+        // (one half, none for channel 0).
+        let std: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
+        let share: Vec<f32> = (0..c).map(|k| if k == 0 { 0.0 } else { 0.5 }).collect();
+        let features = [gap.clone(), std, share].concat();
+        let want = stage_score(stage2, &features, 3);
         let raw = detector.raw_scores(&sample);
-        let stage2_score = raw
+        let got = raw
             .iter()
             .find(|(n, _)| n == "stage2_mahalanobis")
             .unwrap()
             .1;
-        assert!(
-            (stage2_score - 0.5 * 1e-12f64.ln()).abs() < 1e-3,
-            "{stage2_score}"
-        );
-        // A sample without the spatial part cannot be scored: NaN, not a panic or a guess.
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        // A sample without the map cannot be scored: NaN, not a panic or a guess.
         let short = Sample {
             logits: &logits,
-            stages: vec![gap],
+            stages: vec![&gap],
         };
         let raw = detector.raw_scores(&short);
         assert!(
@@ -182,7 +191,7 @@ mod tests {
         assert!(validate(&cal, &meta).is_ok());
 
         let mut missing = cal.clone();
-        missing.stages[0].spatial_output = Some("stage2_nowhere".into());
+        missing.stages[0].map_output = Some("stage2_nowhere".into());
         let err = validate(&missing, &meta).unwrap_err().to_string();
         assert!(err.contains("stage2_nowhere"), "{err}");
 
@@ -204,7 +213,7 @@ mod tests {
         let mut old = cal;
         old.version = OLDEST_CALIBRATION_VERSION;
         old.stages[0].features = StageFeatures::Mean;
-        old.stages[0].spatial_output = None;
+        old.stages[0].map_output = None;
         let c = old.stages[0].channels;
         for mean in &mut old.stages[0].means {
             mean.truncate(c);

@@ -4,6 +4,7 @@
 //! covariances, the second gives the clean score tables (p-values) and thresholds, so no table
 //! score was computed on an image its own statistics were fitted on.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use csg_bundle::{BundleMeta, Gate};
@@ -14,7 +15,7 @@ use csg_bundle::calibration::{
     StageStats,
 };
 
-use super::{DetectError, Detector, Sample, ScoreKind, calibration, scores};
+use super::{DetectError, Detector, ScoreKind, calibration, scores};
 
 /// Model outputs on a set of labelled clean images.
 #[derive(Debug, Clone, Default)]
@@ -23,11 +24,25 @@ pub struct CleanOutputs {
     /// [N, C] row-major.
     pub logits: Vec<f32>,
     /// Per output read by the detector, in [`Detector::stage_outputs`] order: a stage's GAP,
-    /// then its spatial statistics when they are used (same `stage`); the gated stage last.
+    /// then its map's spatial statistics when they are used (same `stage`); the gated stage
+    /// last.
     pub stages: Vec<StageData>,
 }
 
-/// One model output over a set of images.
+/// A model output calibration reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageRead {
+    pub output: String,
+    /// 0-based stage it describes.
+    pub stage: usize,
+    /// The stage's channels.
+    pub channels: usize,
+    /// The output is the stage's feature map, kept as its spatial statistics.
+    pub map: bool,
+}
+
+/// One model output over a set of images; a feature map is kept as its spatial statistics
+/// ([`csg_bundle::score::spatial_features`]), not whole.
 #[derive(Debug, Clone, Default)]
 pub struct StageData {
     pub output: String,
@@ -37,29 +52,64 @@ pub struct StageData {
     pub channels: usize,
     /// [N, channels] row-major.
     pub values: Vec<f32>,
+    /// The stage's channels, when this output is a feature map reduced as it is pushed.
+    pub map_channels: Option<usize>,
+}
+
+impl StageData {
+    fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.channels..(i + 1) * self.channels]
+    }
+
+    /// Appends one image's output (a feature map's spatial statistics for a map).
+    pub fn push_image(&mut self, values: &[f32]) -> Result<(), DetectError> {
+        let kept = match self.map_channels {
+            Some(c) => csg_bundle::score::spatial_features(values, c),
+            None => Some(values.to_vec()),
+        };
+        match kept {
+            Some(v) if v.len() == self.channels => {
+                self.values.extend(v);
+                Ok(())
+            }
+            _ => Err(DetectError::Calibration(format!(
+                "output {} gave {} values per image, expected {}",
+                self.output,
+                values.len(),
+                match self.map_channels {
+                    Some(c) => format!("a map of {c} channels"),
+                    None => self.channels.to_string(),
+                }
+            ))),
+        }
+    }
 }
 
 impl CleanOutputs {
-    /// No images yet, with one empty [`StageData`] per `(output name, 0-based stage, values
-    /// per image)`.
-    pub fn for_stages(stages: &[(String, usize, usize)]) -> Self {
+    /// No images yet, with one empty [`StageData`] per output read.
+    pub fn for_stages(reads: &[StageRead]) -> Self {
         Self {
             labels: Vec::new(),
             logits: Vec::new(),
-            stages: stages
+            stages: reads
                 .iter()
-                .map(|(name, stage, width)| StageData {
-                    output: name.clone(),
-                    stage: *stage,
-                    channels: *width,
+                .map(|read| StageData {
+                    output: read.output.clone(),
+                    stage: read.stage,
+                    channels: if read.map {
+                        2 * read.channels
+                    } else {
+                        read.channels
+                    },
                     values: Vec::new(),
+                    map_channels: read.map.then_some(read.channels),
                 })
                 .collect(),
         }
     }
 
     /// Each stage's features: its outputs joined per image (GAP, then spatial statistics),
-    /// with the spatial output's name when there is one.
+    /// with the map output's name when there is one.
     fn stage_features(&self) -> Result<Vec<(StageData, Option<String>)>, DetectError> {
         let n = self.len();
         let mut out: Vec<(StageData, Option<String>)> = Vec::new();
@@ -103,20 +153,9 @@ impl CleanOutputs {
         self.logits.len() / self.len().max(1)
     }
 
-    fn sample(&self, i: usize) -> Sample<'_> {
-        let c = self.classes();
-        Sample {
-            logits: &self.logits[i * c..(i + 1) * c],
-            stages: self
-                .stages
-                .iter()
-                .map(|s| &s.values[i * s.channels..(i + 1) * s.channels])
-                .collect(),
-        }
-    }
-
     fn predicted(&self, i: usize) -> usize {
-        scores::top_class(self.sample(i).logits).0
+        let c = self.classes();
+        scores::top_class(&self.logits[i * c..(i + 1) * c]).0
     }
 }
 
@@ -197,10 +236,10 @@ pub fn fit(
         return bad("the gated (last) stage is read by its GAP alone".into());
     }
     let mut stages = Vec::new();
-    for (s, (data, spatial_output)) in features.iter().enumerate() {
+    for (s, (data, map_output)) in features.iter().enumerate() {
         let (means, cov) = class_means_and_covariance(data, &fit_set.labels, &correct, classes);
         let d = data.channels;
-        let kind = match spatial_output {
+        let kind = match map_output {
             Some(_) => StageFeatures::MeanStdOccupancy,
             None => StageFeatures::Mean,
         };
@@ -233,7 +272,7 @@ pub fn fit(
         };
         stages.push(StageStats {
             output: data.output.clone(),
-            spatial_output: spatial_output.clone(),
+            map_output: map_output.clone(),
             stage: data.stage,
             channels: d / kind.width(),
             features: kind,
@@ -263,16 +302,25 @@ pub fn fit(
         class_thresholds: BTreeMap::new(),
     };
 
-    // Score tables from the second set.
+    // Score tables from the second set, from its joined per-stage rows.
     let mut detector = Detector {
         classes: meta.classes.clone(),
         gate,
         calibration: Some(calibration.clone()),
         score: ScoreKind::Combined,
-        stage_outputs: table_set.stages.iter().map(|s| s.output.clone()).collect(),
+        stage_outputs: Vec::new(),
     };
+    let table_features = table_set.stage_features()?;
+    let c = table_set.classes();
     let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())
-        .map(|i| detector.raw_scores(&table_set.sample(i)))
+        .map(|i| {
+            let rows: Vec<Option<Cow<'_, [f32]>>> = table_features
+                .iter()
+                .map(|(data, _)| Some(Cow::Borrowed(data.row(i))))
+                .collect();
+            let gated = table_features.last().map(|(data, _)| data.row(i));
+            detector.scores_of(&table_set.logits[i * c..(i + 1) * c], &rows, gated)
+        })
         .collect();
     let mut tables: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for row in &raw {
@@ -291,10 +339,10 @@ pub fn fit(
         .map(|i| table_set.predicted(i))
         .collect();
     let mut verdict_scores: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
-    for i in 0..table_set.len() {
-        let verdict = detector.judge(&table_set.sample(i));
+    for row in &raw {
+        let components = detector.components(row);
         for kind in ScoreKind::ALL {
-            let score = calibration::verdict_score(&calibration, kind, &verdict.components);
+            let score = calibration::verdict_score(&calibration, kind, &components);
             if score.is_finite() {
                 verdict_scores.entry(kind.name()).or_default().push(score);
             }
@@ -478,6 +526,7 @@ mod tests {
             stage: 0,
             channels: 1,
             values: vec![1.0, 3.0, 10.0, 14.0],
+            map_channels: None,
         };
         let (means, cov) = class_means_and_covariance(&data, &[0, 0, 1, 1], &[0, 1, 2, 3], 2);
         assert_eq!(means, vec![vec![2.0], vec![12.0]]);
@@ -493,12 +542,13 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_gap_and_its_spatial_output_are_joined_per_image() {
+    fn a_stage_gap_and_its_map_statistics_are_joined_per_image() {
         let data = |output: &str, stage, channels, values: Vec<f32>| StageData {
             output: output.into(),
             stage,
             channels,
             values,
+            map_channels: None,
         };
         let outputs = CleanOutputs {
             labels: vec![0, 1],
@@ -520,6 +570,19 @@ mod tests {
         let mut short = outputs;
         short.stages[1].values.pop();
         assert!(short.stage_features().is_err());
+
+        // A map is kept as its statistics as it is pushed: 2 channels of 2 positions.
+        let mut map = CleanOutputs::for_stages(&[StageRead {
+            output: "map".into(),
+            stage: 1,
+            channels: 2,
+            map: true,
+        }])
+        .stages
+        .remove(0);
+        map.push_image(&[0.0, 2.0, 3.0, 3.0]).unwrap();
+        assert_eq!(map.values, vec![1.0, 0.0, 0.5, 1.0]);
+        assert!(map.push_image(&[1.0, 2.0, 3.0]).is_err());
     }
 
     #[test]
@@ -530,6 +593,7 @@ mod tests {
             stage: 0,
             channels: 3,
             values: vec![0.0, 1.0, 5.0, 6.0, 1.0, 0.0],
+            map_channels: None,
         };
         let outputs = CleanOutputs {
             labels: vec![0, 1],

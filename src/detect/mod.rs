@@ -12,8 +12,10 @@ pub mod scores;
 use csg_bundle::{BundleMeta, Gate};
 use serde::{Deserialize, Serialize};
 
-use csg_bundle::calibration::GATED;
+use std::borrow::Cow;
+
 pub use csg_bundle::calibration::{Calibration, StageStats};
+use csg_bundle::calibration::{GATED, StageFeatures};
 
 /// Which score decides the verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -62,7 +64,8 @@ pub enum DetectError {
 pub struct Sample<'a> {
     pub logits: &'a [f32],
     /// The outputs listed by [`Detector::stage_outputs`], in that order: stages' GAP
-    /// activations, each followed by its spatial statistics where calibrated with them.
+    /// activations, each followed by the stage's feature map where calibrated with its
+    /// spatial statistics.
     pub stages: Vec<&'a [f32]>,
 }
 
@@ -177,31 +180,57 @@ impl Detector {
 
     /// Every raw score of one sample, keyed by component name (for calibration and eval).
     pub fn raw_scores(&self, sample: &Sample<'_>) -> Vec<(String, f64)> {
-        let (class, _) = scores::top_class(sample.logits);
+        let features = self.stage_features(sample);
+        self.scores_of(sample.logits, &features, sample.stages.last().copied())
+    }
+
+    /// Each calibrated stage's feature vector of one sample: its GAP, with the spatial
+    /// statistics of its feature map appended where the stage reads them. `None` where the
+    /// sample does not hold what the calibration reads (never for samples built from
+    /// [`Self::stage_outputs`]).
+    fn stage_features<'s>(&self, sample: &Sample<'s>) -> Vec<Option<Cow<'s, [f32]>>> {
+        let Some(cal) = &self.calibration else {
+            return Vec::new();
+        };
+        let mut next = sample.stages.iter().copied();
+        cal.stages
+            .iter()
+            .map(|stats| {
+                let gap = next.next().filter(|g| g.len() == stats.channels);
+                match stats.features {
+                    StageFeatures::Mean => gap.map(Cow::Borrowed),
+                    StageFeatures::MeanStdOccupancy => {
+                        let spatial = next
+                            .next()
+                            .and_then(|map| scores::spatial_features(map, stats.channels));
+                        Some(Cow::Owned([gap?, &spatial?].concat()))
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Every raw score from computed stage features ([`Self::stage_features`], or the
+    /// calibration's own joined rows) and the gated stage's activations.
+    pub(crate) fn scores_of(
+        &self,
+        logits: &[f32],
+        features: &[Option<Cow<'_, [f32]>>],
+        gated: Option<&[f32]>,
+    ) -> Vec<(String, f64)> {
+        let (class, _) = scores::top_class(logits);
         let mut out = Vec::new();
         if let Some(cal) = &self.calibration {
-            let mut outputs = sample.stages.iter();
-            for stats in &cal.stages {
-                let parts: Vec<&[f32]> = stats
-                    .outputs()
-                    .map_while(|_| outputs.next().copied())
-                    .collect();
-                let features = match parts.as_slice() {
-                    [one] => std::borrow::Cow::Borrowed(*one),
-                    many => std::borrow::Cow::Owned(many.concat()),
-                };
-                // A sample that does not hold what the calibration reads cannot be scored.
-                let score = if features.len() == stats.dim() {
-                    calibration::stage_score(stats, &features, class)
-                } else {
-                    f64::NAN
-                };
+            for (stats, features) in cal.stages.iter().zip(features) {
+                let score = features
+                    .as_deref()
+                    .map_or(f64::NAN, |f| calibration::stage_score(stats, f, class));
                 out.push((stats.component_name(), score));
             }
         }
-        out.push(("margin".into(), scores::margin_score(sample.logits)));
-        out.push(("msp".into(), scores::msp_score(sample.logits)));
-        if let (Some(gate), Some(acts)) = (&self.gate, sample.stages.last()) {
+        out.push(("margin".into(), scores::margin_score(logits)));
+        out.push(("msp".into(), scores::msp_score(logits)));
+        if let (Some(gate), Some(acts)) = (&self.gate, gated) {
             out.push((
                 "gate_mismatch".into(),
                 scores::gate_mismatch(&gate.column(class), acts),
@@ -210,12 +239,9 @@ impl Detector {
         out
     }
 
-    /// The verdict for one image.
-    pub fn judge(&self, sample: &Sample<'_>) -> Verdict {
-        let (class_id, probability) = scores::top_class(sample.logits);
-        let raw = self.raw_scores(sample);
-        let components: Vec<Component> = raw
-            .iter()
+    /// Raw scores with their p-values against the clean tables.
+    pub(crate) fn components(&self, raw: &[(String, f64)]) -> Vec<Component> {
+        raw.iter()
             .map(|(name, score)| Component {
                 name: name.clone(),
                 score: *score,
@@ -224,7 +250,14 @@ impl Detector {
                     .as_ref()
                     .and_then(|c| calibration::p_value(c, name, *score)),
             })
-            .collect();
+            .collect()
+    }
+
+    /// The verdict for one image.
+    pub fn judge(&self, sample: &Sample<'_>) -> Verdict {
+        let (class_id, probability) = scores::top_class(sample.logits);
+        let raw = self.raw_scores(sample);
+        let components = self.components(&raw);
         let (score, threshold) = match &self.calibration {
             Some(cal) => {
                 let score = calibration::verdict_score(cal, self.score, &components);

@@ -271,16 +271,17 @@ impl Explainer {
     }
 }
 
-/// Row `i` of a `[N, D]` output.
+/// Image `i`'s values of an `[N, …]` output, flattened in order (a stage's feature map
+/// `[N, C, h, w]` gives its C planes one after another).
 fn row(array: &ArrayD<f32>, i: usize) -> Result<Vec<f32>, ExplainError> {
     match array.shape() {
-        [n, _] if i < *n => Ok(array
+        [n, _, ..] if i < *n => Ok(array
             .index_axis(ndarray::Axis(0), i)
             .iter()
             .copied()
             .collect()),
         shape => Err(ExplainError::Output(format!(
-            "an output has shape {shape:?}, expected [N, D] with N > {i}"
+            "an output has shape {shape:?}, expected [N, …] with N > {i}"
         ))),
     }
 }

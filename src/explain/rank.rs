@@ -87,7 +87,7 @@ mod tests {
     fn ranks_foreign_filters_by_z_against_the_predicted_class() {
         let stats = StageStats {
             output: "activations".into(),
-            spatial_output: None,
+            map_output: None,
             stage: 3,
             channels: 4,
             features: Default::default(),

@@ -242,6 +242,7 @@ fn main() -> Result<()> {
                 stage,
                 channels: values.len() / fit.len(),
                 values,
+                map_channels: None,
             };
             let (means, precision) = tied_gaussian(&data, &labels, &correct, 10, shrinkage)?;
             let distances = |p: &Probed| -> Vec<f64> {

@@ -452,7 +452,7 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
         };
         stages.push(StageStats {
             output: format!("stage{}", stage + 1),
-            spatial_output: None,
+            map_output: None,
             stage,
             channels: d,
             features: StageFeatures::Mean,

@@ -125,6 +125,17 @@ impl Stem {
 }
 
 impl Architecture {
+    /// 0-based earlier stages the detector reads by default besides the gated one: the
+    /// second, in a network of three or more stages (REFERENCE §3: an early stage's
+    /// statistics add what the gated stage misses; more stages did not help).
+    pub fn default_detector_stages(&self) -> Vec<usize> {
+        if self.stage_channels().len() >= 3 {
+            vec![1]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Output channels of every stage, in order; the last one is K, the gated layer's width.
     pub fn stage_channels(&self) -> Vec<usize> {
         match &self.backbone {

@@ -72,8 +72,9 @@ pub enum StageFeatures {
     /// The GAP of each channel.
     #[default]
     Mean,
-    /// GAP, then the spatial output ([`crate::StageOutput::spatial`]): each channel's standard
-    /// deviation over positions and its share of positions above zero. Noise-like
+    /// GAP, then statistics of the stage's feature map ([`crate::StageOutput::map`]): each
+    /// channel's standard deviation over positions and its share of positions above zero
+    /// ([`crate::score::spatial_features`]). Noise-like
     /// perturbations (FGSM) change how a filter's response is spread and how often it fires
     /// more than its average.
     MeanStdOccupancy,
@@ -94,9 +95,9 @@ impl StageFeatures {
 pub struct StageStats {
     /// ONNX output name of the stage's GAP.
     pub output: String,
-    /// ONNX output name of its spatial statistics, read when `features` needs them.
+    /// ONNX output name of its feature map, read when `features` needs spatial statistics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spatial_output: Option<String>,
+    pub map_output: Option<String>,
     /// 0-based stage index.
     pub stage: usize,
     /// The stage's channels (filters).
@@ -159,10 +160,10 @@ impl StageStats {
         self.channels * self.features.width()
     }
 
-    /// The model outputs its features are read from, in order (GAP, then spatial).
+    /// The model outputs its features are read from, in order (GAP, then the map).
     pub fn outputs(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.output.as_str()).chain(
-            self.spatial_output
+            self.map_output
                 .as_deref()
                 .filter(|_| self.features == StageFeatures::MeanStdOccupancy),
         )

@@ -138,11 +138,11 @@ pub struct StageOutput {
     pub stage: usize,
     pub name: String,
     pub channels: usize,
-    /// [N, 2·channels] output of the same feature map's per-channel spatial statistics:
-    /// the standard deviation over positions, then the share of positions above zero
-    /// (see [`crate::calibration::StageFeatures`]). Absent in bundles from older exporters.
+    /// [N, channels, h, w] output of the stage's post-ReLU feature map itself, from which
+    /// the detector computes per-channel spatial statistics
+    /// ([`crate::score::spatial_features`]). Absent in bundles from older exporters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spatial: Option<String>,
+    pub map: Option<String>,
 }
 
 /// Provenance of the exported weights.

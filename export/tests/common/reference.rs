@@ -117,26 +117,6 @@ pub fn gap(x: &Array4<f32>) -> Array2<f32> {
     y
 }
 
-/// Per-channel spatial statistics: [N, C, h, w] → [N, 2C], every channel's std, then every
-/// channel's share of positions above zero (the definition in `csg_bundle::score`).
-pub fn spatial(x: &Array4<f32>) -> Array2<f32> {
-    let (n, c, _, _) = x.dim();
-    let mut y = Array2::<f32>::zeros((n, 2 * c));
-    for b in 0..n {
-        for ch in 0..c {
-            let values: Vec<f32> = x
-                .slice(ndarray::s![b, ch, .., ..])
-                .iter()
-                .copied()
-                .collect();
-            let (std, occupancy) = csg_bundle::score::spatial_stats(&values);
-            y[[b, ch]] = std;
-            y[[b, c + ch]] = occupancy;
-        }
-    }
-    y
-}
-
 /// `a · Wᵀ + b` with W in PyTorch's [out, in] orientation.
 pub fn linear(a: &Array2<f32>, w: &Weights) -> Array2<f32> {
     let (shape, data) = &w["fc.weight"];
@@ -150,15 +130,15 @@ pub struct Forward {
     pub logits: Array2<f32>,
     pub activations: Array2<f32>,
     pub stages: Vec<Array2<f32>>,
-    /// Every stage's spatial statistics ([`spatial`]).
-    pub spatial: Vec<Array2<f32>>,
+    /// Every stage's post-ReLU feature map.
+    pub maps: Vec<Array4<f32>>,
     pub feature_map: Array4<f32>,
 }
 
 fn finish(
     w: &Weights,
     stages: Vec<Array2<f32>>,
-    spatial: Vec<Array2<f32>>,
+    maps: Vec<Array4<f32>>,
     feature_map: Array4<f32>,
 ) -> Forward {
     let activations = gap(&feature_map);
@@ -166,7 +146,7 @@ fn finish(
         logits: linear(&activations, w),
         activations,
         stages,
-        spatial,
+        maps,
         feature_map,
     }
 }
@@ -175,14 +155,14 @@ fn finish(
 pub fn cnn(w: &Weights, pools: &[bool], x: Array4<f32>, eps: f64) -> Forward {
     let mut x = x;
     let mut stages = Vec::new();
-    let mut spatial_stats = Vec::new();
+    let mut maps = Vec::new();
     let mut last = x.clone();
     for (i, &pool) in pools.iter().enumerate() {
         let mut y = conv2d(&x, &get4(w, &format!("features.{i}.conv.weight")), 1, 1);
         batch_norm(&mut y, w, &format!("features.{i}.bn"), eps);
         relu(&mut y);
         stages.push(gap(&y));
-        spatial_stats.push(spatial(&y));
+        maps.push(y.clone());
         x = if pool {
             max_pool(&y, 2, 2, 0)
         } else {
@@ -190,7 +170,7 @@ pub fn cnn(w: &Weights, pools: &[bool], x: Array4<f32>, eps: f64) -> Forward {
         };
         last = y;
     }
-    finish(w, stages, spatial_stats, last)
+    finish(w, stages, maps, last)
 }
 
 /// torchvision ResNet with the small stem (conv3×3/1 → BN → ReLU, no max-pool) or the
@@ -211,7 +191,7 @@ pub fn resnet(
         x = max_pool(&x, 3, 2, 1);
     }
     let mut stages = Vec::new();
-    let mut spatial_stats = Vec::new();
+    let mut maps = Vec::new();
     for (l, &depth) in depths.iter().enumerate() {
         for b in 0..depth {
             let p = format!("layer{}.{b}", l + 1);
@@ -241,7 +221,7 @@ pub fn resnet(
             x = y;
         }
         stages.push(gap(&x));
-        spatial_stats.push(spatial(&x));
+        maps.push(x.clone());
     }
-    finish(w, stages, spatial_stats, x)
+    finish(w, stages, maps, x)
 }
