@@ -252,8 +252,9 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
             set.labels.push(label);
             set.logits.extend(row);
             for (stage, values) in set.stages.iter_mut().zip(stage_values) {
-                let row = values.row(k).to_vec();
-                stage.push_image(&row)?;
+                let row = values.row(k);
+                let row = row.as_slice().context("model output is not contiguous")?;
+                stage.push_image(row)?;
             }
         }
     }

@@ -124,15 +124,13 @@ impl CleanOutputs {
             }
             match out.last_mut() {
                 Some((joined, spatial @ None)) if joined.stage == data.stage => {
-                    let (a, b) = (joined.channels, data.channels);
-                    joined.values = (0..n)
-                        .flat_map(|i| {
-                            let first = &joined.values[i * a..(i + 1) * a];
-                            let second = &data.values[i * b..(i + 1) * b];
-                            first.iter().chain(second).copied().collect::<Vec<_>>()
-                        })
-                        .collect();
-                    joined.channels = a + b;
+                    let mut values = Vec::with_capacity(joined.values.len() + data.values.len());
+                    for i in 0..n {
+                        values.extend_from_slice(joined.row(i));
+                        values.extend_from_slice(data.row(i));
+                    }
+                    joined.values = values;
+                    joined.channels += data.channels;
                     *spatial = Some(data.output.clone());
                 }
                 _ => out.push((data.clone(), None)),

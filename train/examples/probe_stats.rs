@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use csg_bundle::calibration::Combiner;
-use csg_bundle::score::{combine as combine_p, log_mahalanobis, p_value};
+use csg_bundle::score::{combine as combine_p, log_mahalanobis, p_value, spatial_features};
 use csg_train::burn;
 use csg_train::checkpoint;
 use csg_train::data::{self, Dataset};
@@ -47,7 +47,7 @@ struct Probed {
     stages: Vec<Vec<StageStats>>,
 }
 
-fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) -> Probed {
+fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) -> Result<Probed> {
     let per = 28 * 28;
     let n = pixels.len() / per;
     let mut out = Probed {
@@ -61,33 +61,31 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
             .map(|v| (v - normalise.0) / normalise.1)
             .collect();
         let x = Tensor::<4>::from_data(TensorData::new(x, [end - start, 1, 28, 28]), device);
-        let logits: Vec<f32> = net.forward(x.clone()).logits.into_data().iter().collect();
+        let forward = net.forward(x);
+        let logits: Vec<f32> = forward.logits.into_data().iter().collect();
         out.classes.extend(logits.chunks(10).map(argmax));
-        let maps = net.stages(x);
-        out.stages.resize(maps.len(), Vec::new());
-        for (stage, map) in maps.into_iter().enumerate() {
-            let [b, c, h, w] = map.dims();
+        out.stages.resize(forward.stage_maps.len(), Vec::new());
+        let stages = forward
+            .stage_activations
+            .into_iter()
+            .zip(forward.stage_maps);
+        for (stage, (gap, map)) in stages.enumerate() {
+            let [_, c, h, w] = map.dims();
+            let means: Vec<f32> = gap.into_data().iter().collect();
             let values: Vec<f32> = map.into_data().iter().collect();
-            for image in values.chunks(c * h * w).take(b) {
-                let mut s = StageStats {
-                    mean: Vec::with_capacity(c),
-                    std: Vec::with_capacity(c),
-                    occupancy: Vec::with_capacity(c),
-                };
-                for channel in image.chunks(h * w) {
-                    let n = channel.len() as f64;
-                    let m = channel.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-                    let q = channel.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n;
-                    s.mean.push(m as f32);
-                    s.std.push((q - m * m).max(0.0).sqrt() as f32);
-                    s.occupancy
-                        .push((channel.iter().filter(|&&v| v > 0.0).count() as f64 / n) as f32);
-                }
-                out.stages[stage].push(s);
+            for (mean, image) in means.chunks(c).zip(values.chunks(c * h * w)) {
+                // The daemon's own definition: every channel's std, then every share.
+                let spatial = spatial_features(image, c).context("stage map shape")?;
+                let (std, occupancy) = spatial.split_at(c);
+                out.stages[stage].push(StageStats {
+                    mean: mean.to_vec(),
+                    std: std.to_vec(),
+                    occupancy: occupancy.to_vec(),
+                });
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -160,8 +158,8 @@ fn main() -> Result<()> {
         Dataset::load(&dir, "train")?.split(data::DEFAULT_VALIDATION, data::DEFAULT_SPLIT_SEED);
     let test = Dataset::load(&dir, "t10k")?;
     let floats = |d: &Dataset| data::to_floats(d, &(0..d.len()).collect::<Vec<_>>(), None);
-    let val = probe(&net, &floats(&validation), normalise, &device);
-    let clean = probe(&net, &floats(&test), normalise, &device);
+    let val = probe(&net, &floats(&validation), normalise, &device)?;
+    let clean = probe(&net, &floats(&test), normalise, &device)?;
     let clean_components = combined_components(&dump["clean"])?;
     if clean_components.len() != clean.classes.len() {
         bail!(
@@ -189,7 +187,7 @@ fn main() -> Result<()> {
             .to_string_lossy()
             .into_owned();
         let components = combined_components(&dump["attacks"][&name])?;
-        attacks.push((name, probe(&net, &pixels, normalise, &device), components));
+        attacks.push((name, probe(&net, &pixels, normalise, &device)?, components));
     }
 
     // As `csgd calibrate`: fit on the even half of the validation split, with true labels and

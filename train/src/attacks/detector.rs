@@ -242,10 +242,9 @@ impl DetectorSurrogate {
             let [n, c, h, w] = map.dims();
             let values: Vec<f32> = map.into_data().iter().collect();
             for (i, image) in values.chunks(c * h * w).take(n).enumerate() {
-                let (std, occupancy): (Vec<f32>, Vec<f32>) =
-                    image.chunks(h * w).map(score::spatial_stats).unzip();
-                stages[s][i].extend(std);
-                stages[s][i].extend(occupancy);
+                // A map that does not split into `c` planes leaves the features short, which
+                // `judge` scores as infinitely far, like a missing stage.
+                stages[s][i].extend(score::spatial_features(image, c).unwrap_or_default());
             }
         }
         (0..logits.len())
@@ -325,8 +324,8 @@ impl DetectorSurrogate {
 }
 
 /// `[gap, std, smooth occupancy]` of a `[N, C, h, w]` map, `[N, 3C]`, differentiable: the
-/// std as the exporter computes it (sqrt of the clamped E[x²] − E[x]², nudged off zero so its
-/// gradient stays finite), the occupancy as mean(tanh(x / OCCUPANCY_TEMPERATURE)).
+/// std as [`score::spatial_stats`] computes it (sqrt of the clamped E[x²] − E[x]², nudged off
+/// zero so its gradient stays finite), the occupancy as mean(tanh(x / OCCUPANCY_TEMPERATURE)).
 fn smooth_spatial_features(map: Tensor<4>, gap: Tensor<2>) -> Tensor<2> {
     let [n, c, h, w] = map.dims();
     let flat = map.reshape([n, c, h * w]);
