@@ -101,9 +101,24 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-/// Synthetic outputs of the widths `detector` reads: logits, then each stage's GAP (and
-/// feature map, where the detector reads its spatial statistics).
+/// Synthetic outputs as the detector receives them: logits, then each stage's GAP (and the
+/// spatial statistics of its feature map, where the detector reads them).
 fn sample_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let (logits, fetched) = fetched_outputs(meta, detector);
+    let mut arrays: Vec<Array2<f32>> = fetched
+        .into_iter()
+        .map(|row| Array2::from_shape_vec((1, row.len()), row).expect("one row"))
+        .collect();
+    detector
+        .reduce_maps(&mut arrays)
+        .expect("maps of the model's shape");
+    let stages = arrays.iter().map(|a| a.row(0).to_vec()).collect();
+    (logits, stages)
+}
+
+/// Synthetic outputs of the widths `detector` fetches from the model: logits, then each
+/// stage's GAP (and feature map, where the detector reads its spatial statistics).
+fn fetched_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<f32>>) {
     let logits: Vec<f32> = (0..meta.classes.len())
         .map(|i| (i as f32 * 0.37).sin() * 3.0)
         .collect();
@@ -167,9 +182,31 @@ fn scoring(c: &mut Criterion) {
             })
         });
     }
+
+    // Reducing a batch of 16 feature maps to their statistics, as the inference thread does
+    // before the verdicts (per image).
+    let detector = Detector::new(&meta, ScoreKind::Combined).expect("detector");
+    let (_, fetched) = fetched_outputs(&meta, &detector);
+    let batch: Vec<Array2<f32>> = fetched
+        .iter()
+        .map(|row| {
+            let rows: Vec<f32> = (0..16).flat_map(|_| row.iter().copied()).collect();
+            Array2::from_shape_vec((16, row.len()), rows).expect("16 rows")
+        })
+        .collect();
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("reduce_maps", |b| {
+        b.iter_batched(
+            || batch.clone(),
+            |mut arrays| {
+                detector.reduce_maps(&mut arrays).expect("maps");
+                arrays
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
     group.finish();
 
-    let detector = Detector::new(&meta, ScoreKind::Combined).expect("detector");
     let (logits, stages) = sample_outputs(&meta, &detector);
     let verdict = detector.judge(&Sample {
         logits: &logits,

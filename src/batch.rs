@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array2, ArrayView4};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::detect::reduce_map;
 use crate::metrics::Metrics;
 use crate::runtime::Model;
 
@@ -32,12 +33,26 @@ pub trait Runner: Send + 'static {
 pub struct ModelRunner {
     pub model: Model,
     pub outputs: Vec<String>,
+    /// Per output: the channels of a feature map to hand on as its spatial statistics
+    /// ([`reduce_map`]), reduced here while ONNX Runtime's output is still in cache.
+    pub maps: Vec<Option<usize>>,
 }
 
 impl Runner for ModelRunner {
     fn run(&mut self, input: ArrayView4<f32>) -> Result<Vec<Array2<f32>>, String> {
         let names: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
-        self.model.run(input, &names).map_err(|e| e.to_string())
+        let mut outputs = self.model.run(input, &names).map_err(|e| e.to_string())?;
+        for ((array, channels), name) in outputs.iter_mut().zip(&self.maps).zip(&names) {
+            if let Some(channels) = *channels {
+                *array = reduce_map(array.view(), channels).ok_or_else(|| {
+                    format!(
+                        "output {name:?} has {} values per image, not {channels} channel planes",
+                        array.ncols()
+                    )
+                })?;
+            }
+        }
+        Ok(outputs)
     }
 }
 

@@ -236,7 +236,7 @@ fn warm_up(
     let spec = &meta.input;
     let input = Array4::<f32>::zeros((1, spec.channels, spec.height, spec.width));
     let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-    let result = model.run(input.view(), &names).map_err(|e| e.to_string())?;
+    let mut result = model.run(input.view(), &names).map_err(|e| e.to_string())?;
     let expected_width = |name: &str| -> Option<usize> {
         if name == meta.outputs.logits {
             Some(meta.classes.len())
@@ -259,6 +259,9 @@ fn warm_up(
                 array.ncols()
             ));
         }
+    }
+    if let Some(stages) = result.get_mut(1..) {
+        detector.reduce_maps(stages).map_err(|e| e.to_string())?;
     }
     let rows: Vec<Vec<f32>> = result.iter().map(|a| a.row(0).to_vec()).collect();
     let Some((logits, stages)) = rows.split_first() else {
@@ -300,6 +303,9 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             .map(|model| ModelRunner {
                 model,
                 outputs: l.outputs.clone(),
+                maps: std::iter::once(None)
+                    .chain(l.detector.map_channels().iter().copied())
+                    .collect(),
             })
             .collect();
         let batcher = Batcher::start(&name, runners, shape, limits, Arc::clone(metrics));

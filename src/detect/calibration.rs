@@ -8,7 +8,6 @@ use csg_bundle::calibration::{
 
 use super::scores;
 use super::{Component, DetectError, ScoreKind};
-pub use csg_bundle::score::stage_score;
 
 /// Checks the section against the model it is stored in.
 pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError> {
@@ -155,16 +154,30 @@ mod tests {
         let gated = cal.stages[1].means[0].clone();
         let mut logits = vec![0.0f32; 10];
         logits[3] = 5.0;
+        // The map reaches the detector as its spatial statistics, reduced per image.
+        assert_eq!(detector.map_channels(), [None, Some(c), None]);
+        let mut outputs = vec![
+            ndarray::Array2::from_shape_vec((1, c), gap.clone()).unwrap(),
+            ndarray::Array2::from_shape_vec((1, c * 196), map.clone()).unwrap(),
+            ndarray::Array2::from_shape_vec((1, gated.len()), gated.clone()).unwrap(),
+        ];
+        detector.reduce_maps(&mut outputs).unwrap();
+        let reduced = outputs[1].row(0).to_vec();
+        assert_eq!(reduced.len(), 2 * c);
         let sample = Sample {
             logits: &logits,
-            stages: vec![&gap, &map, &gated],
+            stages: vec![&gap, &reduced, &gated],
         };
         // Stage 2 is scored on its GAP followed by the map's std (k/20) and share above zero
         // (one half, none for channel 0).
         let std: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
         let share: Vec<f32> = (0..c).map(|k| if k == 0 { 0.0 } else { 0.5 }).collect();
         let features = [gap.clone(), std, share].concat();
-        let want = stage_score(stage2, &features, 3);
+        // The dense definition, from the stored precision; the detector uses its factor.
+        let StageMetric::Full { precision } = &stage2.metric else {
+            panic!("stage 2 has a full metric");
+        };
+        let want = csg_bundle::score::log_mahalanobis(&features, &stage2.means[3], precision, None);
         let raw = detector.raw_scores(&sample);
         let got = raw
             .iter()
@@ -172,16 +185,26 @@ mod tests {
             .unwrap()
             .1;
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
-        // A sample without the map cannot be scored: NaN, not a panic or a guess.
-        let short = Sample {
-            logits: &logits,
-            stages: vec![&gap],
-        };
-        let raw = detector.raw_scores(&short);
-        assert!(
-            raw.iter()
-                .any(|(n, s)| n == "stage2_mahalanobis" && s.is_nan())
-        );
+        // A sample without the map's statistics, or with the unreduced map, cannot be
+        // scored: NaN, not a panic or a guess.
+        for stages in [vec![&gap[..]], vec![&gap[..], &map[..], &gated[..]]] {
+            let short = Sample {
+                logits: &logits,
+                stages,
+            };
+            let raw = detector.raw_scores(&short);
+            assert!(
+                raw.iter()
+                    .any(|(n, s)| n == "stage2_mahalanobis" && s.is_nan())
+            );
+        }
+        // A map that does not split into the stage's channels is refused with a reason.
+        let mut odd = vec![
+            ndarray::Array2::<f32>::zeros((1, c)),
+            ndarray::Array2::<f32>::zeros((1, c * 196 + 1)),
+        ];
+        let err = detector.reduce_maps(&mut odd).unwrap_err().to_string();
+        assert!(err.contains("channels"), "{err}");
     }
 
     #[test]

@@ -301,13 +301,13 @@ pub fn fit(
     };
 
     // Score tables from the second set, from its joined per-stage rows.
-    let mut detector = Detector {
-        classes: meta.classes.clone(),
+    let mut detector = Detector::assemble(
+        meta.classes.clone(),
         gate,
-        calibration: Some(calibration.clone()),
-        score: ScoreKind::Combined,
-        stage_outputs: Vec::new(),
-    };
+        Some(calibration.clone()),
+        ScoreKind::Combined,
+        Vec::new(),
+    );
     let table_features = table_set.stage_features()?;
     let c = table_set.classes();
     let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())

@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use std::borrow::Cow;
 
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
 pub use csg_bundle::calibration::{Calibration, StageStats};
 use csg_bundle::calibration::{GATED, StageFeatures};
+use csg_bundle::mahalanobis::StageScorer;
 
 /// Which score decides the verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -58,14 +61,30 @@ impl ScoreKind {
 pub enum DetectError {
     #[error("calibration section does not fit this model: {0}")]
     Calibration(String),
+    #[error("model output does not fit the detector: {0}")]
+    Output(String),
+}
+
+/// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
+/// feature maps: `[N, 2C]`. `None` when a row does not split into `channels` planes.
+pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Option<Array2<f32>> {
+    let mut out = Array2::zeros((maps.nrows(), 2 * channels));
+    for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
+        let features = match map.as_slice() {
+            Some(map) => scores::spatial_features(map, channels),
+            None => scores::spatial_features(&map.to_vec(), channels),
+        }?;
+        reduced.assign(&ArrayView1::from(&features));
+    }
+    Some(out)
 }
 
 /// One image's model outputs, as the detector needs them.
 pub struct Sample<'a> {
     pub logits: &'a [f32],
     /// The outputs listed by [`Detector::stage_outputs`], in that order: stages' GAP
-    /// activations, each followed by the stage's feature map where calibrated with its
-    /// spatial statistics.
+    /// activations, each followed, where the stage is calibrated with spatial statistics, by
+    /// those statistics of its feature map ([`Detector::reduce_maps`]), not the map itself.
     pub stages: Vec<&'a [f32]>,
 }
 
@@ -118,6 +137,11 @@ pub struct Detector {
     score: ScoreKind,
     /// ONNX outputs of the stages the detector reads (the gated stage last).
     stage_outputs: Vec<String>,
+    /// The calibrated stages' distances, factored once here rather than on every verdict.
+    scorers: Vec<StageScorer>,
+    /// Per entry of `stage_outputs`: the channels of a feature map the detector reduces to
+    /// its spatial statistics.
+    map_channels: Vec<Option<usize>>,
 }
 
 impl Detector {
@@ -139,18 +163,76 @@ impl Detector {
                 .collect(),
             None => vec![meta.outputs.activations.clone()],
         };
-        Ok(Self {
-            classes: meta.classes.clone(),
+        Ok(Self::assemble(
+            meta.classes.clone(),
             gate,
             calibration,
             score,
             stage_outputs,
-        })
+        ))
+    }
+
+    /// A detector from validated parts; factors the calibrated stages' distances.
+    pub(crate) fn assemble(
+        classes: Vec<String>,
+        gate: Option<Gate>,
+        calibration: Option<Calibration>,
+        score: ScoreKind,
+        stage_outputs: Vec<String>,
+    ) -> Self {
+        let stages = calibration.iter().flat_map(|c| &c.stages);
+        let scorers = stages.clone().map(StageScorer::new).collect();
+        let map_channels = stage_outputs
+            .iter()
+            .map(|name| {
+                stages
+                    .clone()
+                    .find(|s| {
+                        s.features == StageFeatures::MeanStdOccupancy
+                            && s.map_output.as_deref() == Some(name.as_str())
+                    })
+                    .map(|s| s.channels)
+            })
+            .collect();
+        Self {
+            classes,
+            gate,
+            calibration,
+            score,
+            stage_outputs,
+            scorers,
+            map_channels,
+        }
     }
 
     /// Output names besides `logits` that [`Sample::stages`] must hold, in order.
     pub fn stage_outputs(&self) -> &[String] {
         &self.stage_outputs
+    }
+
+    /// Per entry of [`Self::stage_outputs`]: `Some(channels)` where it is a feature map that
+    /// [`Self::reduce_maps`] turns into spatial statistics.
+    pub fn map_channels(&self) -> &[Option<usize>] {
+        &self.map_channels
+    }
+
+    /// Turns a batch's fetched [`Self::stage_outputs`] (each `[N, D]`) into what
+    /// [`Sample::stages`] holds: each feature map becomes its per-image spatial statistics
+    /// ([`reduce_map`]). Run where the map was just computed (the inference thread), this
+    /// reads it while it is still in cache and hands on 2C values per image instead of C·h·w.
+    pub fn reduce_maps(&self, stage_outputs: &mut [Array2<f32>]) -> Result<(), DetectError> {
+        for (array, channels) in stage_outputs.iter_mut().zip(&self.map_channels) {
+            if let Some(channels) = *channels {
+                *array = reduce_map(array.view(), channels).ok_or_else(|| {
+                    DetectError::Output(format!(
+                        "a feature map of {} values per image does not split into {channels} \
+                         channels",
+                        array.ncols()
+                    ))
+                })?;
+            }
+        }
+        Ok(())
     }
 
     pub fn is_calibrated(&self) -> bool {
@@ -200,10 +282,8 @@ impl Detector {
                 match stats.features {
                     StageFeatures::Mean => gap.map(Cow::Borrowed),
                     StageFeatures::MeanStdOccupancy => {
-                        let spatial = next
-                            .next()
-                            .and_then(|map| scores::spatial_features(map, stats.channels));
-                        Some(Cow::Owned([gap?, &spatial?].concat()))
+                        let spatial = next.next().filter(|s| s.len() == 2 * stats.channels);
+                        Some(Cow::Owned([gap?, spatial?].concat()))
                     }
                 }
             })
@@ -221,10 +301,10 @@ impl Detector {
         let (class, _) = scores::top_class(logits);
         let mut out = Vec::new();
         if let Some(cal) = &self.calibration {
-            for (stats, features) in cal.stages.iter().zip(features) {
+            for ((stats, scorer), features) in cal.stages.iter().zip(&self.scorers).zip(features) {
                 let score = features
                     .as_deref()
-                    .map_or(f64::NAN, |f| calibration::stage_score(stats, f, class));
+                    .map_or(f64::NAN, |f| scorer.score(f, class));
                 out.push((stats.component_name(), score));
             }
         }

@@ -164,7 +164,8 @@ fn score_images(
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = tensor.select(ndarray::Axis(0), chunk);
-        let outputs = model.run(batch.view(), &refs)?;
+        let mut outputs = model.run(batch.view(), &refs)?;
+        detector.reduce_maps(&mut outputs[1..])?;
         for row in 0..chunk.len() {
             let logits = outputs[0].row(row);
             let stages: Vec<Vec<f32>> = outputs[1..].iter().map(|o| o.row(row).to_vec()).collect();

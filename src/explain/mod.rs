@@ -28,7 +28,7 @@ use csg_bundle::{BundleMeta, InputSpec};
 use ndarray::{ArrayD, ArrayView4};
 use serde::Serialize;
 
-use crate::detect::{Detector, FilterDeviation, Sample, Verdict, gated_deviations};
+use crate::detect::{Detector, FilterDeviation, Sample, Verdict, gated_deviations, scores};
 use crate::runtime::{Model, RuntimeError};
 use classifier::Classifier;
 use maps::Map;
@@ -197,7 +197,18 @@ impl Explainer {
         let (fm_array, rest) = arrays
             .split_last()
             .ok_or_else(|| ExplainError::Output("no outputs".into()))?;
-        let rows: Vec<Vec<f32>> = rest.iter().map(|a| row(a, i)).collect::<Result<_, _>>()?;
+        let mut rows: Vec<Vec<f32>> = rest.iter().map(|a| row(a, i)).collect::<Result<_, _>>()?;
+        // The detector reads a stage map's spatial statistics, as the daemon hands them on.
+        for (row, channels) in rows.iter_mut().skip(1).zip(self.detector.map_channels()) {
+            if let Some(channels) = *channels {
+                *row = scores::spatial_features(row, channels).ok_or_else(|| {
+                    ExplainError::Output(format!(
+                        "a stage map of {} values does not split into {channels} channels",
+                        row.len()
+                    ))
+                })?;
+            }
+        }
         let Some((logits, stages)) = rows.split_first() else {
             return Err(ExplainError::Output("no logits".into()));
         };

@@ -33,6 +33,26 @@ use csgd::eval::roc::{auroc, rate_above};
 
 const BATCH: usize = 500;
 
+/// The stage (0-based) whose map is also probed after a 2×2 max-pool, as a last pseudo-stage
+/// that stands in for that stage's component: a quarter of the positions, so a quarter of
+/// the map to hand out and reduce.
+const POOLED_SOURCE: usize = 1;
+
+/// 2×2 max-pool (stride 2) of every h×w plane in `values`.
+fn max_pool_2x2(values: &[f32], h: usize, w: usize) -> Vec<f32> {
+    let (ph, pw) = (h / 2, w / 2);
+    let mut out = Vec::with_capacity(values.len() / 4);
+    for plane in values.chunks_exact(h * w) {
+        for y in 0..ph {
+            for x in 0..pw {
+                let at = |dy: usize, dx: usize| plane[(2 * y + dy) * w + 2 * x + dx];
+                out.push(at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1)));
+            }
+        }
+    }
+    out
+}
+
 /// Per-channel statistics of one stage for one image.
 #[derive(Clone)]
 struct StageStats {
@@ -64,15 +84,34 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
         let forward = net.forward(x);
         let logits: Vec<f32> = forward.logits.into_data().iter().collect();
         out.classes.extend(logits.chunks(10).map(argmax));
-        out.stages.resize(forward.stage_maps.len(), Vec::new());
         let stages = forward
             .stage_activations
             .into_iter()
             .zip(forward.stage_maps);
+        let pooled_stage = forward.stage_maps.len();
+        out.stages.resize(pooled_stage + 1, Vec::new());
         for (stage, (gap, map)) in stages.enumerate() {
             let [_, c, h, w] = map.dims();
             let means: Vec<f32> = gap.into_data().iter().collect();
             let values: Vec<f32> = map.into_data().iter().collect();
+            if stage == POOLED_SOURCE {
+                // The same map after a 2×2 max-pool (what the next stage reads).
+                let pooled = max_pool_2x2(&values, h, w);
+                let (ph, pw) = (h / 2, w / 2);
+                for image in pooled.chunks(c * ph * pw) {
+                    let spatial = spatial_features(image, c).context("pooled map shape")?;
+                    let (std, occupancy) = spatial.split_at(c);
+                    let mean = image
+                        .chunks(ph * pw)
+                        .map(|p| p.iter().sum::<f32>() / (ph * pw) as f32)
+                        .collect();
+                    out.stages[pooled_stage].push(StageStats {
+                        mean,
+                        std: std.to_vec(),
+                        occupancy: occupancy.to_vec(),
+                    });
+                }
+            }
             for (mean, image) in means.chunks(c).zip(values.chunks(c * h * w)) {
                 // The daemon's own definition: every channel's std, then every share.
                 let spatial = spatial_features(image, c).context("stage map shape")?;
@@ -229,7 +268,11 @@ fn main() -> Result<()> {
     }
     println!("| {} | {worst:.3} |", row.join(" | "));
     for stage in 0..val.stages.len() {
-        let drop = format!("stage{}_mahalanobis", stage + 1);
+        let pooled = stage + 1 == val.stages.len();
+        let drop = format!(
+            "stage{}_mahalanobis",
+            if pooled { POOLED_SOURCE } else { stage } + 1
+        );
         for (name, pick) in PICKS {
             let values: Vec<f32> = fit
                 .iter()
@@ -273,7 +316,11 @@ fn main() -> Result<()> {
             }
             println!(
                 "| {} | {name} | {worst_alone:.3} | {} | {worst_combined:.3} |",
-                stage + 1,
+                if pooled {
+                    format!("{} max-pooled", POOLED_SOURCE + 1)
+                } else {
+                    (stage + 1).to_string()
+                },
                 cells.join(" | ")
             );
         }

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod calibration;
 pub mod checkpoint;
 pub mod dataset;
+pub mod mahalanobis;
 pub mod meta;
 pub mod onnx;
 pub mod score;

@@ -6,7 +6,7 @@
 //! class-conditional Mahalanobis distance on the predicted class's gated filters exposes
 //! FGSM/PGD, and the logit margin exposes minimal-perturbation attacks (CW, DeepFool).
 
-use crate::calibration::{Combiner, StageMetric, StageStats};
+use crate::calibration::Combiner;
 
 /// Index of the largest logit (first on ties) and its softmax probability.
 pub fn top_class(logits: &[f32]) -> (usize, f32) {
@@ -61,10 +61,11 @@ pub fn gate_mismatch(gate_column: &[f32], activations: &[f32]) -> f64 {
 /// ln of the Mahalanobis distance of `x` to `mean` under the row-major precision matrix,
 /// restricted to `indices` (all of them when `None`); `precision` is |indices|×|indices|.
 ///
-/// Every verdict evaluates this on each calibrated stage (a 64×64 matrix for the shipped
-/// model): the row products run in f32 lanes that vectorise (see [`dot`]), each row's
-/// product is accumulated in f64. The relative error, about 1e-6, is far below the spacing of
-/// the clean score tables it is compared with.
+/// The definition, evaluated from the precision matrix as stored. Verdicts evaluate the same
+/// distance through [`crate::mahalanobis::StageScorer`], which factors the matrix once. The
+/// row products run in f32 lanes that vectorise (see [`dot`]), each row's product is
+/// accumulated in f64; the relative error, about 1e-6, is far below the spacing of the clean
+/// score tables it is compared with.
 pub fn log_mahalanobis(
     x: &[f32],
     mean: &[f32],
@@ -75,12 +76,20 @@ pub fn log_mahalanobis(
         Some(idx) => idx.iter().map(|&i| x[i] - mean[i]).collect(),
         None => x.iter().zip(mean).map(|(a, m)| a - m).collect(),
     };
-    let d = diff.len();
-    let quad: f64 = precision
-        .chunks_exact(d.max(1))
-        .zip(&diff)
-        .map(|(row, &v)| f64::from(v) * f64::from(dot(row, &diff)))
-        .sum();
+    log_distance(dense_quadratic(&diff, precision))
+}
+
+/// vᵀPv for a row-major d×d precision matrix P.
+pub(crate) fn dense_quadratic(v: &[f32], precision: &[f32]) -> f64 {
+    precision
+        .chunks_exact(v.len().max(1))
+        .zip(v)
+        .map(|(row, &x)| f64::from(x) * f64::from(dot(row, v)))
+        .sum()
+}
+
+/// ln √q, finite at q = 0.
+pub(crate) fn log_distance(quad: f64) -> f64 {
     0.5 * (quad.max(0.0) + 1e-12).ln()
 }
 
@@ -183,20 +192,6 @@ pub fn spatial_features(map: &[f32], channels: usize) -> Option<Vec<f32>> {
         .map(spatial_stats)
         .unzip();
     Some([std, share].concat())
-}
-
-/// ln Mahalanobis distance of `acts` to class `class`'s clean mean at one stage.
-pub fn stage_score(stats: &StageStats, acts: &[f32], class: usize) -> f64 {
-    let Some(mean) = stats.means.get(class) else {
-        return f64::INFINITY;
-    };
-    match &stats.metric {
-        StageMetric::Full { precision } => log_mahalanobis(acts, mean, precision, None),
-        StageMetric::Gated { classes } => match classes.get(class) {
-            Some(g) => log_mahalanobis(acts, mean, &g.precision, Some(&g.filters)),
-            None => f64::INFINITY,
-        },
-    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{softmax, softplus};
 use csg_bundle::calibration::{Calibration, Combiner, StageFeatures, StageMetric, StageStats};
+use csg_bundle::mahalanobis::StageScorer;
 use csg_bundle::score;
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,8 @@ enum Kind {
     /// stage, so that one batched matmul serves every class in the surrogate.
     Stage {
         stats: StageStats,
+        /// The exact distance, as the daemon evaluates it.
+        scorer: Box<StageScorer>,
         padded: Vec<f32>,
     },
     Margin,
@@ -151,6 +154,7 @@ impl DetectorSurrogate {
                     }
                     Kind::Stage {
                         stats: s.clone(),
+                        scorer: Box::new(StageScorer::new(s)),
                         padded,
                     }
                 }
@@ -197,12 +201,10 @@ impl DetectorSurrogate {
                 let raw = match &comp.kind {
                     Kind::Margin => score::margin_score(logits),
                     Kind::Msp => score::msp_score(logits),
-                    Kind::Stage { stats, .. } => stages
+                    Kind::Stage { stats, scorer, .. } => stages
                         .get(stats.stage)
                         .filter(|features| features.len() == stats.dim())
-                        .map_or(f64::INFINITY, |features| {
-                            score::stage_score(stats, features, class)
-                        }),
+                        .map_or(f64::INFINITY, |features| scorer.score(features, class)),
                 };
                 score::p_value(&comp.table, raw)
             })
@@ -278,7 +280,7 @@ impl DetectorSurrogate {
                 }
             }
             let score = match &comp.kind {
-                Kind::Stage { stats, padded } => {
+                Kind::Stage { stats, padded, .. } => {
                     let Some(gap) = out.stage_activations.get(stats.stage) else {
                         continue;
                     };
