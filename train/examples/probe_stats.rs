@@ -82,14 +82,14 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
             .collect();
         let x = Tensor::<4>::from_data(TensorData::new(x, [end - start, 1, 28, 28]), device);
         let forward = net.forward(x);
+        let pooled_stage = forward.stage_maps.len();
+        out.stages.resize(pooled_stage + 1, Vec::new());
         let logits: Vec<f32> = forward.logits.into_data().iter().collect();
         out.classes.extend(logits.chunks(10).map(argmax));
         let stages = forward
             .stage_activations
             .into_iter()
             .zip(forward.stage_maps);
-        let pooled_stage = forward.stage_maps.len();
-        out.stages.resize(pooled_stage + 1, Vec::new());
         for (stage, (gap, map)) in stages.enumerate() {
             let [_, c, h, w] = map.dims();
             let means: Vec<f32> = gap.into_data().iter().collect();
