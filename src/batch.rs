@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::detect::reduce_map;
 use crate::metrics::Metrics;
-use crate::runtime::Model;
+use crate::runtime::{Model, RuntimeError, flatten};
 
 /// What runs a batch. [`ModelRunner`] is the real one; tests use fakes.
 pub trait Runner: Send + 'static {
@@ -41,18 +41,23 @@ pub struct ModelRunner {
 impl Runner for ModelRunner {
     fn run(&mut self, input: ArrayView4<f32>) -> Result<Vec<Array2<f32>>, String> {
         let names: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
-        let mut outputs = self.model.run(input, &names).map_err(|e| e.to_string())?;
-        for ((array, channels), name) in outputs.iter_mut().zip(&self.maps).zip(&names) {
-            if let Some(channels) = *channels {
-                *array = reduce_map(array.view(), channels).ok_or_else(|| {
-                    format!(
-                        "output {name:?} has {} values per image, not {channels} channel planes",
-                        array.ncols()
-                    )
-                })?;
-            }
-        }
-        Ok(outputs)
+        let maps = &self.maps;
+        self.model
+            .run_with(input, &names, |i, view| {
+                let flat = flatten(view, names[i])?;
+                match maps.get(i).copied().flatten() {
+                    // Read where ONNX Runtime wrote it: never copied, still in cache.
+                    Some(channels) => reduce_map(flat.view(), channels).ok_or_else(|| {
+                        RuntimeError::Inference(format!(
+                            "output {:?} has {} values per image, not {channels} channel planes",
+                            names[i],
+                            flat.ncols()
+                        ))
+                    }),
+                    None => Ok(flat.into_owned()),
+                }
+            })
+            .map_err(|e| e.to_string())
     }
 }
 

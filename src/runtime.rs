@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use csg_bundle::BundleMeta;
-use ndarray::{Array2, ArrayD, ArrayView4};
+use ndarray::{Array2, ArrayD, ArrayView4, ArrayViewD, CowArray, Ix2};
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::{OutputSelector, RunOptions, Session};
 use ort::value::{TensorElementType, TensorRef};
@@ -172,31 +172,9 @@ impl Model {
         input: ArrayView4<f32>,
         outputs: &[&str],
     ) -> Result<Vec<Array2<f32>>, RuntimeError> {
-        self.run_any(input, outputs)?
-            .into_iter()
-            .zip(outputs)
-            .map(|(array, name)| {
-                let shape = array.shape().to_vec();
-                let rows = shape.first().copied().unwrap_or(0);
-                let width = shape.iter().skip(1).product::<usize>();
-                let bad = || {
-                    RuntimeError::Inference(format!(
-                        "output {name:?} has shape {shape:?}, expected [N, …] with N ≥ 1"
-                    ))
-                };
-                if shape.len() < 2 {
-                    return Err(bad());
-                }
-                let array = if array.is_standard_layout() {
-                    array
-                } else {
-                    array.as_standard_layout().into_owned()
-                };
-                array
-                    .into_shape_with_order((rows, width))
-                    .map_err(|_| bad())
-            })
-            .collect()
+        self.run_with(input, outputs, |i, view| {
+            Ok(flatten(view, outputs[i])?.to_owned())
+        })
     }
 
     /// Like [`Model::run`] for outputs of any rank (each `[N, …]`), such as the `[N, K, h, w]`
@@ -207,6 +185,19 @@ impl Model {
         input: ArrayView4<f32>,
         outputs: &[&str],
     ) -> Result<Vec<ArrayD<f32>>, RuntimeError> {
+        self.run_with(input, outputs, |_, view| Ok(view.to_owned()))
+    }
+
+    /// Runs a batch and hands each requested output, in order, to `take` as a view of ONNX
+    /// Runtime's own buffer (`[N, …]`, N checked), collecting what it returns. A caller
+    /// that only needs a summary of a large output (a feature map's statistics) reads it
+    /// there, without copying it first.
+    pub fn run_with<T>(
+        &mut self,
+        input: ArrayView4<f32>,
+        outputs: &[&str],
+        mut take: impl FnMut(usize, ArrayViewD<'_, f32>) -> Result<T, RuntimeError>,
+    ) -> Result<Vec<T>, RuntimeError> {
         let spec = &self.meta.input;
         let (n, c, h, w) = input.dim();
         if n == 0 || (c, h, w) != (spec.channels, spec.height, spec.width) {
@@ -240,7 +231,8 @@ impl Model {
             .map_err(|e| RuntimeError::Inference(e.to_string()))?;
         outputs
             .iter()
-            .map(|name| {
+            .enumerate()
+            .map(|(i, name)| {
                 let value = results.get(name).ok_or_else(|| {
                     RuntimeError::Inference(format!("ONNX Runtime returned no {name:?}"))
                 })?;
@@ -253,7 +245,7 @@ impl Model {
                         view.shape()
                     )));
                 }
-                Ok(view.to_owned())
+                take(i, view)
             })
             .collect()
     }
@@ -433,5 +425,35 @@ fn create_session(
                 }
             }
         }
+    }
+}
+/// An `[N, …]` output as `[N, D]` (D the product of the rest), without copying when it is
+/// already in standard layout (ONNX Runtime's outputs are).
+pub fn flatten<'a>(
+    view: ArrayViewD<'a, f32>,
+    name: &str,
+) -> Result<CowArray<'a, f32, Ix2>, RuntimeError> {
+    let shape = view.shape().to_vec();
+    let bad = || {
+        RuntimeError::Inference(format!(
+            "output {name:?} has shape {shape:?}, expected [N, …] with N ≥ 1"
+        ))
+    };
+    if shape.len() < 2 {
+        return Err(bad());
+    }
+    let rows = shape[0];
+    let width = shape[1..].iter().product::<usize>();
+    if view.is_standard_layout() {
+        let flat = view
+            .into_shape_with_order((rows, width))
+            .map_err(|_| bad())?;
+        Ok(CowArray::from(flat))
+    } else {
+        let owned = view.as_standard_layout().into_owned();
+        let flat = owned
+            .into_shape_with_order((rows, width))
+            .map_err(|_| bad())?;
+        Ok(CowArray::from(flat))
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use std::borrow::Cow;
 
-use ndarray::{Array2, ArrayView1, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 
 pub use csg_bundle::calibration::{Calibration, StageStats};
 use csg_bundle::calibration::{GATED, StageFeatures};
@@ -68,13 +68,21 @@ pub enum DetectError {
 /// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
 /// feature maps: `[N, 2C]`. `None` when a row does not split into `channels` planes.
 pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Option<Array2<f32>> {
+    let width = maps.ncols();
+    if channels == 0 || width == 0 || !width.is_multiple_of(channels) {
+        return None;
+    }
     let mut out = Array2::zeros((maps.nrows(), 2 * channels));
     for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
-        let features = match map.as_slice() {
-            Some(map) => scores::spatial_features(map, channels),
-            None => scores::spatial_features(&map.to_vec(), channels),
-        }?;
-        reduced.assign(&ArrayView1::from(&features));
+        let map = map.as_standard_layout();
+        let (Some(map), Some(reduced)) = (map.as_slice(), reduced.as_slice_mut()) else {
+            return None;
+        };
+        // As [`scores::spatial_features`] lays them out: every std, then every share.
+        let (std, share) = reduced.split_at_mut(channels);
+        for ((plane, s), o) in map.chunks_exact(width / channels).zip(std).zip(share) {
+            (*s, *o) = scores::spatial_stats(plane);
+        }
     }
     Some(out)
 }
@@ -422,4 +430,31 @@ pub fn gated_deviations(
         .collect();
     filters.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()));
     filters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reduced_batch_holds_each_image_s_spatial_features() {
+        // Two images of three channels of five positions, with values on both sides of zero.
+        let (channels, plane) = (3, 5);
+        let values: Vec<f32> = (0..2 * channels * plane)
+            .map(|i| ((i as f32) * 0.7).sin())
+            .collect();
+        let maps = Array2::from_shape_vec((2, channels * plane), values.clone()).unwrap();
+        let reduced = reduce_map(maps.view(), channels).unwrap();
+        assert_eq!(reduced.dim(), (2, 2 * channels));
+        for (image, row) in values.chunks(channels * plane).zip(reduced.rows()) {
+            let want = scores::spatial_features(image, channels).unwrap();
+            assert_eq!(row.to_vec(), want);
+        }
+        // A column-major batch gives the same answer as the row-major one.
+        let fortran = maps.t().as_standard_layout().t().to_owned();
+        assert_eq!(reduce_map(fortran.view(), channels).unwrap(), reduced);
+        // Maps that do not split into the channels are refused.
+        assert!(reduce_map(maps.view(), 4).is_none());
+        assert!(reduce_map(maps.view(), 0).is_none());
+    }
 }
