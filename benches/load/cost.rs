@@ -23,6 +23,10 @@ pub struct RouteRun {
     pub rps: f64,
     /// Daemon CPU (user + system) per answered image, µs.
     pub cpu_us_per_image: f64,
+    /// Mean size of the batches the daemon ran during the run: the tiny model's per-image
+    /// ONNX Runtime cost depends on it, so a route that changes how batches fill changes CPU
+    /// per image without doing more work itself.
+    pub mean_batch: f64,
     pub errors: u64,
 }
 
@@ -51,6 +55,7 @@ async fn route_run(
     secs: Duration,
 ) -> Result<RouteRun> {
     let before = daemon.cpu_seconds()?;
+    let batches_before = daemon.batch_totals()?;
     // No warm-up window: every request of the run is counted, as is all of its CPU time.
     let run = client::closed_loop(
         daemon.addr,
@@ -61,9 +66,12 @@ async fn route_run(
     )
     .await?;
     let cpu = daemon.cpu_seconds()? - before;
+    let batches_after = daemon.batch_totals()?;
+    let batches = batches_after.1 - batches_before.1;
     Ok(RouteRun {
         rps: run.rps,
         cpu_us_per_image: cpu * 1e6 / run.ok.max(1) as f64,
+        mean_batch: (batches_after.0 - batches_before.0) / batches.max(1.0),
         errors: run.errors,
     })
 }
@@ -88,12 +96,15 @@ pub async fn measure(
             (route_run(daemon, detect, conns, secs).await?, c)
         };
         eprintln!(
-            "  pair {}: detect {:.1} img/s {:.1} µs CPU, classify {:.1} img/s {:.1} µs CPU",
+            "  pair {}: detect {:.1} img/s {:.1} µs CPU batch {:.1}, classify {:.1} img/s {:.1} µs \
+             CPU batch {:.1}",
             i + 1,
             d.rps,
             d.cpu_us_per_image,
+            d.mean_batch,
             c.rps,
-            c.cpu_us_per_image
+            c.cpu_us_per_image,
+            c.mean_batch
         );
         runs.push(Pair {
             detect: d,

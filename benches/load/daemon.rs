@@ -144,6 +144,29 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Totals of the `csgd_batch_size` histogram (sum of batch sizes, number of batches) over
+    /// every model, from /metrics: their differences around a run give its mean batch size.
+    pub fn batch_totals(&self) -> Result<(f64, f64)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let text = agent
+            .get(format!("http://{}/metrics", self.addr))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
+        let total = |metric: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(metric))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        Ok((total("csgd_batch_size_sum"), total("csgd_batch_size_count")))
+    }
+}
+
 /// One GET on a fresh connection; the status code.
 async fn get_status(addr: SocketAddr, path: &str) -> Result<u16> {
     let s = TcpStream::connect(addr).await?;
