@@ -303,6 +303,7 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             .map(|model| ModelRunner {
                 model,
                 outputs: l.outputs.clone(),
+                // `outputs` is the logits, then the detector's stage outputs (`load`).
                 maps: std::iter::once(None)
                     .chain(l.detector.map_channels().iter().copied())
                     .collect(),

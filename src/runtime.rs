@@ -173,7 +173,7 @@ impl Model {
         outputs: &[&str],
     ) -> Result<Vec<Array2<f32>>, RuntimeError> {
         self.run_with(input, outputs, |i, view| {
-            Ok(flatten(view, outputs[i])?.to_owned())
+            Ok(flatten(view, outputs[i])?.into_owned())
         })
     }
 
@@ -427,6 +427,7 @@ fn create_session(
         }
     }
 }
+
 /// An `[N, …]` output as `[N, D]` (D the product of the rest), without copying when it is
 /// already in standard layout (ONNX Runtime's outputs are).
 pub fn flatten<'a>(

@@ -68,20 +68,14 @@ pub enum DetectError {
 /// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
 /// feature maps: `[N, 2C]`. `None` when a row does not split into `channels` planes.
 pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Option<Array2<f32>> {
-    let width = maps.ncols();
-    if channels == 0 || width == 0 || !width.is_multiple_of(channels) {
-        return None;
-    }
     let mut out = Array2::zeros((maps.nrows(), 2 * channels));
     for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
         let map = map.as_standard_layout();
         let (Some(map), Some(reduced)) = (map.as_slice(), reduced.as_slice_mut()) else {
             return None;
         };
-        // As [`scores::spatial_features`] lays them out: every std, then every share.
-        let (std, share) = reduced.split_at_mut(channels);
-        for ((plane, s), o) in map.chunks_exact(width / channels).zip(std).zip(share) {
-            (*s, *o) = scores::spatial_stats(plane);
+        if !scores::spatial_features_into(map, channels, reduced) {
+            return None;
         }
     }
     Some(out)

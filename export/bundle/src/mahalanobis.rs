@@ -20,10 +20,16 @@ enum Quadratic {
     /// P itself, row-major, where it has no Cholesky factor in f64 (not positive definite
     /// after rounding to f32); scored as calibration always did.
     Dense(Vec<f32>),
+    /// A stored matrix that is not `dim`×`dim` (validation refuses such a bundle before a
+    /// detector is built): every distance is NaN rather than a panic.
+    Malformed,
 }
 
 impl Quadratic {
     fn new(precision: &[f32], dim: usize) -> Self {
+        if precision.len() != dim * dim {
+            return Self::Malformed;
+        }
         let p = DMatrix::from_fn(dim, dim, |r, c| {
             // Symmetrised: the stored matrix is symmetric only up to f32 rounding.
             0.5 * (f64::from(precision[r * dim + c]) + f64::from(precision[c * dim + r]))
@@ -43,10 +49,11 @@ impl Quadratic {
 
     /// ln √(vᵀPv), as [`crate::score::log_mahalanobis`] defines it.
     fn log_distance(&self, v: &[f32]) -> f64 {
-        log_distance(match self {
-            Self::Cholesky { lower } => factor_square_norm(lower, v),
-            Self::Dense(precision) => dense_quadratic(v, precision),
-        })
+        match self {
+            Self::Cholesky { lower } => log_distance(factor_square_norm(lower, v)),
+            Self::Dense(precision) => log_distance(dense_quadratic(v, precision)),
+            Self::Malformed => f64::NAN,
+        }
     }
 }
 
@@ -250,5 +257,13 @@ mod tests {
         let x = [3.0, 0.5];
         let want = log_mahalanobis(&x, &s.means[0], &p, None);
         assert_eq!(scorer.score(&x, 0), want);
+        // A matrix of the wrong size scores NaN instead of panicking.
+        let bad = stats(
+            2,
+            StageMetric::Full {
+                precision: vec![1.0; 3],
+            },
+        );
+        assert!(StageScorer::new(&bad).score(&x, 0).is_nan());
     }
 }

@@ -184,14 +184,26 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// GAP: every channel's standard deviation, then every channel's share of positions above zero.
 /// `None` when the map does not split into `channels` equal planes.
 pub fn spatial_features(map: &[f32], channels: usize) -> Option<Vec<f32>> {
-    if channels == 0 || map.is_empty() || !map.len().is_multiple_of(channels) {
-        return None;
+    let mut out = vec![0.0; 2 * channels];
+    spatial_features_into(map, channels, &mut out).then_some(out)
+}
+
+/// [`spatial_features`] written into `out` (`2 × channels` long), for callers that reduce a
+/// whole batch into one array. `false`, leaving `out` untouched, when the map does not split
+/// into `channels` equal planes or `out` has the wrong length.
+pub fn spatial_features_into(map: &[f32], channels: usize, out: &mut [f32]) -> bool {
+    if channels == 0
+        || map.is_empty()
+        || !map.len().is_multiple_of(channels)
+        || out.len() != 2 * channels
+    {
+        return false;
     }
-    let (std, share): (Vec<f32>, Vec<f32>) = map
-        .chunks_exact(map.len() / channels)
-        .map(spatial_stats)
-        .unzip();
-    Some([std, share].concat())
+    let (std, share) = out.split_at_mut(channels);
+    for ((plane, s), o) in map.chunks_exact(map.len() / channels).zip(std).zip(share) {
+        (*s, *o) = spatial_stats(plane);
+    }
+    true
 }
 
 #[cfg(test)]
@@ -322,5 +334,13 @@ mod tests {
         assert_eq!(spatial_features(&map, 3), None);
         assert_eq!(spatial_features(&[], 2), None);
         assert_eq!(spatial_features(&map, 0), None);
+        // Written in place: the same values, and nothing written into a buffer of the wrong
+        // length.
+        let mut out = [9.0; 4];
+        assert!(spatial_features_into(&map, 2, &mut out));
+        assert_eq!(out, [1.0, 0.0, 0.5, 1.0]);
+        let mut short = [9.0; 3];
+        assert!(!spatial_features_into(&map, 2, &mut short));
+        assert_eq!(short, [9.0; 3]);
     }
 }
