@@ -286,6 +286,29 @@ fn classify_answers_the_detect_class_without_the_detector() {
     let (status, r) = d.post_json("/v1/classify", &json!({ "images": encoded }));
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["results"].as_array().unwrap().len(), images.len());
+    // Both answers are labelled JSON, single and batched.
+    for (path, content_type, body) in [
+        ("/v1/detect", "image/png", png(&images[0])),
+        (
+            "/v1/classify",
+            "application/json",
+            json!({ "images": encoded }).to_string().into_bytes(),
+        ),
+    ] {
+        let mut answer = d
+            .agent
+            .post(&d.url(path))
+            .header("content-type", content_type)
+            .send(&body[..])
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            answer.headers().get("content-type").unwrap(),
+            "application/json"
+        );
+        let text = answer.body_mut().read_to_string().unwrap();
+        assert!(parse(&text).is_object(), "{text}");
+    }
     assert_eq!(
         d.post("/v1/models/nope/classify", "image/png", &png(&images[0]))
             .0,

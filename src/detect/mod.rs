@@ -144,6 +144,8 @@ pub struct Detector {
     /// Per entry of `stage_outputs`: the channels of a feature map the detector reduces to
     /// its spatial statistics.
     map_channels: Vec<Option<usize>>,
+    /// The gate's column of each class, taken out once rather than per verdict.
+    gate_columns: Vec<Vec<f32>>,
 }
 
 impl Detector {
@@ -196,6 +198,10 @@ impl Detector {
                     .map(|s| s.channels)
             })
             .collect();
+        let gate_columns = gate
+            .iter()
+            .flat_map(|g| (0..g.classes).map(|c| g.column(c)))
+            .collect();
         Self {
             classes,
             gate,
@@ -204,6 +210,7 @@ impl Detector {
             stage_outputs,
             scorers,
             map_channels,
+            gate_columns,
         }
     }
 
@@ -312,11 +319,8 @@ impl Detector {
         }
         out.push(("margin".into(), scores::margin_score(logits)));
         out.push(("msp".into(), scores::msp_score(logits)));
-        if let (Some(gate), Some(acts)) = (&self.gate, gated) {
-            out.push((
-                "gate_mismatch".into(),
-                scores::gate_mismatch(&gate.column(class), acts),
-            ));
+        if let (Some(column), Some(acts)) = (self.gate_columns.get(class), gated) {
+            out.push(("gate_mismatch".into(), scores::gate_mismatch(column, acts)));
         }
         out
     }

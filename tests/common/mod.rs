@@ -116,7 +116,7 @@ pub struct Daemon {
     /// The sidecar proxy's address, when the configuration enables it.
     pub proxy_base: Option<String>,
     pub log: Arc<Mutex<String>>,
-    agent: ureq::Agent,
+    pub agent: ureq::Agent,
     /// Holds a `--config` file written for this daemon.
     _config: Option<tempfile::TempDir>,
 }
