@@ -47,12 +47,8 @@ impl Runner for ModelRunner {
                 let flat = flatten(view, names[i])?;
                 match maps.get(i).copied().flatten() {
                     // Read where ONNX Runtime wrote it: never copied, still in cache.
-                    Some(channels) => reduce_map(flat.view(), channels).ok_or_else(|| {
-                        RuntimeError::Inference(format!(
-                            "output {:?} has {} values per image, not {channels} channel planes",
-                            names[i],
-                            flat.ncols()
-                        ))
+                    Some(channels) => reduce_map(flat.view(), channels).map_err(|e| {
+                        RuntimeError::Inference(format!("output {:?}: {e}", names[i]))
                     }),
                     None => Ok(flat.into_owned()),
                 }

@@ -66,19 +66,23 @@ pub enum DetectError {
 }
 
 /// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
-/// feature maps: `[N, 2C]`. `None` when a row does not split into `channels` planes.
-pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Option<Array2<f32>> {
+/// feature maps: `[N, 2C]`. Refused when a row does not split into `channels` planes.
+pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>, DetectError> {
     let mut out = Array2::zeros((maps.nrows(), 2 * channels));
     for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
         let map = map.as_standard_layout();
-        let (Some(map), Some(reduced)) = (map.as_slice(), reduced.as_slice_mut()) else {
-            return None;
+        let split = match (map.as_slice(), reduced.as_slice_mut()) {
+            (Some(map), Some(reduced)) => scores::spatial_features_into(map, channels, reduced),
+            _ => false,
         };
-        if !scores::spatial_features_into(map, channels, reduced) {
-            return None;
+        if !split {
+            return Err(DetectError::Output(format!(
+                "a feature map of {} values per image does not split into {channels} channels",
+                maps.ncols()
+            )));
         }
     }
-    Some(out)
+    Ok(out)
 }
 
 /// One image's model outputs, as the detector needs them.
@@ -232,13 +236,7 @@ impl Detector {
     pub fn reduce_maps(&self, stage_outputs: &mut [Array2<f32>]) -> Result<(), DetectError> {
         for (array, channels) in stage_outputs.iter_mut().zip(&self.map_channels) {
             if let Some(channels) = *channels {
-                *array = reduce_map(array.view(), channels).ok_or_else(|| {
-                    DetectError::Output(format!(
-                        "a feature map of {} values per image does not split into {channels} \
-                         channels",
-                        array.ncols()
-                    ))
-                })?;
+                *array = reduce_map(array.view(), channels)?;
             }
         }
         Ok(())
@@ -452,7 +450,7 @@ mod tests {
         let fortran = maps.t().as_standard_layout().t().to_owned();
         assert_eq!(reduce_map(fortran.view(), channels).unwrap(), reduced);
         // Maps that do not split into the channels are refused.
-        assert!(reduce_map(maps.view(), 4).is_none());
-        assert!(reduce_map(maps.view(), 0).is_none());
+        assert!(reduce_map(maps.view(), 4).is_err());
+        assert!(reduce_map(maps.view(), 0).is_err());
     }
 }

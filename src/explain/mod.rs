@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 
 use csg_bundle::calibration::GATED;
 use csg_bundle::{BundleMeta, InputSpec};
-use ndarray::{ArrayD, ArrayView4};
+use ndarray::{Array1, Array2, ArrayD, ArrayView4, Axis};
 use serde::Serialize;
 
-use crate::detect::{Detector, FilterDeviation, Sample, Verdict, gated_deviations, scores};
+use crate::detect::{Detector, FilterDeviation, Sample, Verdict, gated_deviations};
 use crate::runtime::{Model, RuntimeError};
 use classifier::Classifier;
 use maps::Map;
@@ -197,24 +197,30 @@ impl Explainer {
         let (fm_array, rest) = arrays
             .split_last()
             .ok_or_else(|| ExplainError::Output("no outputs".into()))?;
-        let mut rows: Vec<Vec<f32>> = rest.iter().map(|a| row(a, i)).collect::<Result<_, _>>()?;
-        // The detector reads a stage map's spatial statistics, as the daemon hands them on.
-        for (row, channels) in rows.iter_mut().skip(1).zip(self.detector.map_channels()) {
-            if let Some(channels) = *channels {
-                *row = scores::spatial_features(row, channels).ok_or_else(|| {
-                    ExplainError::Output(format!(
-                        "a stage map of {} values does not split into {channels} channels",
-                        row.len()
-                    ))
-                })?;
-            }
+        // Image i's outputs as one-row arrays; the detector reads a stage map's spatial
+        // statistics, reduced as the daemon reduces them.
+        let mut rows: Vec<Array2<f32>> = rest
+            .iter()
+            .map(|a| Ok(Array1::from(row(a, i)?).insert_axis(Axis(0))))
+            .collect::<Result<_, ExplainError>>()?;
+        if let Some(stages) = rows.get_mut(1..) {
+            self.detector
+                .reduce_maps(stages)
+                .map_err(|e| ExplainError::Output(e.to_string()))?;
         }
+        let rows: Vec<&[f32]> = rows
+            .iter()
+            .map(|a| {
+                a.as_slice()
+                    .ok_or_else(|| ExplainError::Output("an output row is not contiguous".into()))
+            })
+            .collect::<Result<_, _>>()?;
         let Some((logits, stages)) = rows.split_first() else {
             return Err(ExplainError::Output("no logits".into()));
         };
         let sample = Sample {
             logits,
-            stages: stages.iter().map(Vec::as_slice).collect(),
+            stages: stages.to_vec(),
         };
         let verdict = self.detector.judge(&sample);
         let class = verdict.class_id;

@@ -181,18 +181,24 @@ mod tests {
         }
     }
 
+    /// A stage over `d` features with the full metric `precision`, and its scorer.
+    fn full(precision: &[f32], d: usize) -> (StageStats, StageScorer) {
+        let s = stats(
+            d,
+            StageMetric::Full {
+                precision: precision.to_vec(),
+            },
+        );
+        let scorer = StageScorer::new(&s);
+        (s, scorer)
+    }
+
     #[test]
     fn the_factored_distance_equals_the_stored_definition() {
         // 67 dimensions: odd, so no row of the factor is a whole number of vector lanes.
         let d = 67;
         let p = precision(d);
-        let s = stats(
-            d,
-            StageMetric::Full {
-                precision: p.clone(),
-            },
-        );
-        let scorer = StageScorer::new(&s);
+        let (s, scorer) = full(&p, d);
         assert!(matches!(
             scorer.prepared,
             Prepared::Full(Quadratic::Cholesky { .. })
@@ -243,13 +249,7 @@ mod tests {
     fn a_matrix_without_a_cholesky_factor_is_scored_as_stored() {
         // Indefinite: diag(1, −1). The dense form clamps a negative quadratic at zero.
         let p = vec![1.0, 0.0, 0.0, -1.0];
-        let s = stats(
-            2,
-            StageMetric::Full {
-                precision: p.clone(),
-            },
-        );
-        let scorer = StageScorer::new(&s);
+        let (s, scorer) = full(&p, 2);
         assert!(matches!(
             scorer.prepared,
             Prepared::Full(Quadratic::Dense(_))
@@ -258,12 +258,6 @@ mod tests {
         let want = log_mahalanobis(&x, &s.means[0], &p, None);
         assert_eq!(scorer.score(&x, 0), want);
         // A matrix of the wrong size scores NaN instead of panicking.
-        let bad = stats(
-            2,
-            StageMetric::Full {
-                precision: vec![1.0; 3],
-            },
-        );
-        assert!(StageScorer::new(&bad).score(&x, 0).is_nan());
+        assert!(full(&[1.0; 3], 2).1.score(&x, 0).is_nan());
     }
 }
