@@ -137,22 +137,11 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
     for entry in &settings.models.list {
         let name = entry.name.clone();
         let path = model_path(entry);
-        let mut sessions = Vec::new();
-        for _ in 0..settings.runtime.sessions_per_model {
-            let model =
-                Model::load(&path, &settings.runtime).map_err(|error| RegistryError::Runtime {
-                    name: name.clone(),
-                    error,
-                })?;
-            sessions.push(model);
-        }
-        let Some(first) = sessions.first() else {
-            return Err(RegistryError::Warmup {
-                name,
-                message: "no sessions (runtime.sessions_per_model)".into(),
-            });
+        let runtime_err = |error| RegistryError::Runtime {
+            name: name.clone(),
+            error,
         };
-        let meta = first.meta().clone();
+        let meta = crate::runtime::read_bundle_meta(&path).map_err(runtime_err)?;
         let detector =
             Detector::new(&meta, entry.score).map_err(|error| RegistryError::Detector {
                 name: name.clone(),
@@ -161,6 +150,18 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
         let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
             .chain(detector.stage_outputs().iter().cloned())
             .collect();
+        // The inference sessions compute only what the detector reads.
+        let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let mut sessions = Vec::new();
+        for _ in 0..settings.runtime.sessions_per_model {
+            sessions.push(Model::load_for(&path, &settings.runtime, &names).map_err(runtime_err)?);
+        }
+        if sessions.is_empty() {
+            return Err(RegistryError::Warmup {
+                name,
+                message: "no sessions (runtime.sessions_per_model)".into(),
+            });
+        }
         for session in &mut sessions {
             warm_up(session, &meta, &detector, &outputs).map_err(|message| {
                 RegistryError::Warmup {

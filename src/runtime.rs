@@ -121,27 +121,59 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Reads the bundle metadata of `path`, creates a session on the first execution provider
     /// of `cfg` that works, and checks that the graph has the input and outputs the metadata
-    /// names.
+    /// names. The session has every output of the graph.
     pub fn load(path: &Path, cfg: &RuntimeConfig) -> Result<Model, RuntimeError> {
+        Self::load_graph(path, cfg, None)
+    }
+
+    /// Like [`Model::load`], for a session that computes only `outputs`: the graph is cut down
+    /// to them ([`csg_bundle::prune`]) before ONNX Runtime sees it, since it runs every node
+    /// of a graph on every call, asked for or not. The daemon's inference sessions are made
+    /// this way; explanations, which read the feature map, keep the whole graph.
+    pub fn load_for(
+        path: &Path,
+        cfg: &RuntimeConfig,
+        outputs: &[&str],
+    ) -> Result<Model, RuntimeError> {
+        Self::load_graph(path, cfg, Some(outputs))
+    }
+
+    fn load_graph(
+        path: &Path,
+        cfg: &RuntimeConfig,
+        keep: Option<&[&str]>,
+    ) -> Result<Model, RuntimeError> {
         cfg.validate().map_err(|e| RuntimeError::Provider {
             provider: "config",
             message: e.to_string(),
         })?;
         let meta = read_bundle_meta(path)?;
+        let pruned = match keep {
+            None => None,
+            Some(keep) => Some(csg_bundle::prune::read_pruned(path, keep).map_err(|e| {
+                RuntimeError::Graph {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?),
+        };
         let env = environment(cfg)?;
-        let (session, provider) = create_session(&env, path, cfg)?;
+        let bytes = pruned.as_ref().map(|(bytes, _)| bytes.as_slice());
+        let (session, provider) = create_session(&env, path, bytes, cfg)?;
+        let outputs: Vec<String> = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_owned())
+            .collect();
+        let graph_outputs = pruned.map_or_else(|| outputs.clone(), |(_, all)| all);
         let model = Model {
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|o| o.name().to_owned())
-                .collect(),
+            outputs,
             session,
             meta,
             provider,
             path: path.to_path_buf(),
         };
-        model.check_graph()?;
+        model.check_graph(&graph_outputs)?;
         tracing::debug!(model = %path.display(), provider, "session created");
         Ok(model)
     }
@@ -178,8 +210,7 @@ impl Model {
     }
 
     /// Like [`Model::run`] for outputs of any rank (each `[N, …]`), such as the `[N, K, h, w]`
-    /// feature map that explanations fetch. ONNX Runtime computes and copies only what is
-    /// named here, so callers that do not name the feature map never pay for it.
+    /// feature map that explanations fetch.
     pub fn run_any(
         &mut self,
         input: ArrayView4<f32>,
@@ -251,8 +282,9 @@ impl Model {
     }
 
     /// The graph must take `image` as f32 `[N, C, H, W]` matching the input spec (a dynamic
-    /// dimension matches anything) and produce every output the metadata names.
-    fn check_graph(&self) -> Result<(), RuntimeError> {
+    /// dimension matches anything) and produce every output the metadata names
+    /// (`graph_outputs`: the file's, before any cut).
+    fn check_graph(&self, graph_outputs: &[String]) -> Result<(), RuntimeError> {
         let bad = |message: String| RuntimeError::Graph {
             path: self.path.clone(),
             message,
@@ -291,10 +323,9 @@ impl Model {
             .into_iter()
             .chain(o.stages.iter().map(|s| &s.name));
         for name in named {
-            if !self.outputs.iter().any(|x| x == name) {
+            if !graph_outputs.iter().any(|x| x == name) {
                 return Err(bad(format!(
-                    "the metadata names output {name:?}, the graph has {:?}",
-                    self.outputs
+                    "the metadata names output {name:?}, the graph has {graph_outputs:?}"
                 )));
             }
         }
@@ -364,10 +395,12 @@ fn dispatch(provider: Provider, cfg: &RuntimeConfig) -> ExecutionProviderDispatc
 /// that a failure is seen (ONNX Runtime's default is to fall back to CPU silently): without
 /// `allow_fallback` it is an error naming the provider; with it, the provider is dropped and
 /// the rest are tried. A GPU provider that registers but cannot create the session is handled
-/// the same way. Returns the session and the first provider that registered.
+/// the same way. `bytes`, where given, is the graph to load instead of the file's (a cut-down
+/// one). Returns the session and the first provider that registered.
 fn create_session(
     env: &ort::environment::Environment,
     path: &Path,
+    bytes: Option<&[u8]>,
     cfg: &RuntimeConfig,
 ) -> Result<(Session, &'static str), RuntimeError> {
     let session_err = |message: String| RuntimeError::Session {
@@ -409,7 +442,11 @@ fn create_session(
             candidates.retain(|&c| c != p);
             continue;
         }
-        match builder.commit_from_file(path) {
+        let committed = match bytes {
+            Some(bytes) => builder.commit_from_memory(bytes),
+            None => builder.commit_from_file(path),
+        };
+        match committed {
             Ok(session) => {
                 let in_use = registered.first().map_or("cpu", |p| p.name());
                 return Ok((session, in_use));

@@ -71,6 +71,57 @@ fn runs_batches_and_returns_outputs_in_the_requested_order() {
 }
 
 #[test]
+fn a_session_cut_to_the_detector_s_outputs_computes_the_same_values() {
+    let path = common::model_path();
+    let mut full = Model::load(&path, &cfg()).unwrap();
+    let meta = full.meta().clone();
+    let map = meta
+        .outputs
+        .stages
+        .iter()
+        .find_map(|s| s.map.clone())
+        .expect("the shipped model exports a stage map");
+    let stage = &meta.outputs.stages[0].name;
+    // Asked for out of the graph's order: the session keeps the graph's order, and `run`
+    // answers in the order asked.
+    let keep = [map.as_str(), "logits", stage.as_str(), "activations"];
+    let mut cut = Model::load_for(&path, &cfg(), &keep).unwrap();
+    assert_eq!(cut.meta(), full.meta());
+    let mut kept = cut.output_names().to_vec();
+    kept.sort();
+    let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(kept, want, "only the kept outputs are left");
+    assert!(full.output_names().len() > keep.len());
+
+    let (images, _) = common::fashion_test(40);
+    let input = batch(&images, &full);
+    assert_eq!(
+        cut.run(input.view(), &keep).unwrap(),
+        full.run(input.view(), &keep).unwrap()
+    );
+    // What was cut away is refused by name, as any missing output is.
+    let fm = meta
+        .outputs
+        .feature_map
+        .clone()
+        .expect("feature map output");
+    let e = cut
+        .run(input.view(), &[fm.as_str()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&fm), "{e}");
+    // Keeping an output the graph does not have is a load error that lists the real ones.
+    let e = Model::load_for(&path, &cfg(), &["logits", "stage9_map"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no output \"stage9_map\"") && e.contains("stage2_activations"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_calls_are_errors_not_panics() {
     let mut model = Model::load(&common::model_path(), &cfg()).unwrap();
     let spec = model.meta().input.clone();

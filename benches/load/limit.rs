@@ -1,6 +1,6 @@
 //! The limit: images per second of the same model called in-process through `ort`, with the
-//! daemon's thread budget, fetching the same outputs the daemon fetches, decoding the PNGs
-//! included. Nothing of HTTP, queueing or scoring.
+//! daemon's thread budget, fetching the same outputs the daemon fetches from the same
+//! cut-down graph, decoding the PNGs included. Nothing of HTTP, queueing or scoring.
 //!
 //! "The same thread budget" is the daemon's: ONNX Runtime with `runtime.intra_op_threads`
 //! resolved exactly as `csgd serve` resolves it, and decoding on `threads.preprocess_threads`
@@ -30,12 +30,15 @@ impl Limit {
     /// resolves exactly as `csgd serve` resolves it.
     pub fn load(path: &Path, cfg: &RuntimeConfig) -> Result<Self> {
         let intra_threads = cfg.intra_threads();
-        let model =
-            Model::load(path, cfg).with_context(|| format!("loading {}", path.display()))?;
-        let detector = Detector::new(model.meta(), ScoreKind::Combined)?;
-        let outputs = std::iter::once(model.meta().outputs.logits.clone())
+        let meta = csgd::runtime::read_bundle_meta(path)?;
+        let detector = Detector::new(&meta, ScoreKind::Combined)?;
+        let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
             .chain(detector.stage_outputs().iter().cloned())
             .collect();
+        // Cut down to those outputs, as the daemon's sessions are.
+        let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let model = Model::load_for(path, cfg, &names)
+            .with_context(|| format!("loading {}", path.display()))?;
         Ok(Self {
             model,
             outputs,

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod mahalanobis;
 pub mod meta;
 pub mod onnx;
+pub mod prune;
 pub mod score;
 
 pub use arch::{Architecture, Backbone, BlockKind, CnnStage, GATE_TENSOR, Stem};
