@@ -284,7 +284,10 @@ fn forward(c: &mut Criterion) {
                 let rows: Vec<_> = stages.iter().map(|s| s.row(i)).collect();
                 let verdict = detector.judge(&Sample {
                     logits: logits.row(i).to_slice().expect("contiguous"),
-                    stages: rows.iter().map(|r| r.to_slice().expect("contiguous")).collect(),
+                    stages: rows
+                        .iter()
+                        .map(|r| r.to_slice().expect("contiguous"))
+                        .collect(),
                 });
                 black_box(verdict);
             }

@@ -7,8 +7,8 @@
 //! templates, classes come from the bundle.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,64 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub proxy: ProxyMetrics,
 }
+
+/// One model's verdict counters and score histogram, taken out of their families once when
+/// the model is loaded: a verdict then counts itself without hashing label values and
+/// locking the family (as `with_label_values` does). Every class's series exist from the
+/// start, at zero.
+#[derive(Debug)]
+pub struct VerdictMetrics {
+    model: String,
+    /// Per class: adversarial, clean, unjudged.
+    by_class: Vec<[IntCounter; 3]>,
+    score: Histogram,
+}
+
+impl VerdictMetrics {
+    /// The series of `model`, whose classes are `classes` and whose verdict score is `score`.
+    pub fn new(metrics: &Metrics, model: &str, classes: &[String], score: &str) -> Self {
+        let by_class = classes
+            .iter()
+            .map(|class| {
+                VERDICTS.map(|verdict| metrics.verdicts.with_label_values(&[model, class, verdict]))
+            })
+            .collect();
+        Self {
+            model: model.to_owned(),
+            by_class,
+            score: metrics.scores.with_label_values(&[model, score]),
+        }
+    }
+
+    /// Counts one verdict on class `class` (`None` adversarial: unjudged) and observes its
+    /// score when finite. A class beyond the bundle's list is counted under the class "".
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        class: usize,
+        is_adversarial: Option<bool>,
+        score: f64,
+    ) {
+        let verdict = match is_adversarial {
+            Some(true) => 0,
+            Some(false) => 1,
+            None => 2,
+        };
+        match self.by_class.get(class) {
+            Some(counters) => counters[verdict].inc(),
+            None => metrics
+                .verdicts
+                .with_label_values(&[self.model.as_str(), "", VERDICTS[verdict]])
+                .inc(),
+        }
+        if score.is_finite() {
+            self.score.observe(score);
+        }
+    }
+}
+
+/// The `verdict` label's values, in [`VerdictMetrics::by_class`] order.
+const VERDICTS: [&str; 3] = ["adversarial", "clean", "unjudged"];
 
 /// The sidecar proxy's metrics. `route` is a configured route pattern, or "" for requests
 /// that matched none (passed through unchecked by design).
@@ -269,6 +327,40 @@ mod tests {
         assert!(text.contains("# TYPE csgd_batch_size histogram"));
         assert!(text.contains("csgd_batch_size_bucket{model=\"m\",le=\"4\"} 1"));
         assert!(!text.contains("summary"));
+    }
+
+    #[test]
+    fn verdict_series_exist_from_the_start_and_count_by_class() {
+        let m = Metrics::new().unwrap();
+        let classes = ["shirt".to_string(), "bag".to_string()];
+        let v = VerdictMetrics::new(&m, "m", &classes, "combined");
+        let line = |class: &str, verdict: &str| {
+            format!("csgd_verdicts_total{{class=\"{class}\",model=\"m\",verdict=\"{verdict}\"}}")
+        };
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(&format!("{} 0", line("bag", "unjudged"))),
+            "{text}"
+        );
+        v.record(&m, 1, Some(true), 4.5);
+        v.record(&m, 1, Some(true), f64::NAN);
+        v.record(&m, 0, Some(false), 0.3);
+        v.record(&m, 7, None, 1.0);
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(&format!("{} 2", line("bag", "adversarial"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", line("shirt", "clean"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1", line("", "unjudged"))),
+            "{text}"
+        );
+        // Only finite scores are observed.
+        assert!(text.contains("csgd_detection_score_count{model=\"m\",score=\"combined\"} 3"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::batch::{Batcher, Limits, ModelRunner};
 use crate::config::{ModelEntry, Settings};
 use crate::detect::{DetectError, Detector, Sample};
 use crate::explain::{ExplainError, ExplainSession, Explainer};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, VerdictMetrics};
 use crate::runtime::{self, Model, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,7 @@ pub struct ServedModel {
     /// Graph outputs fetched per image: `logits`, then the detector's stage outputs.
     pub outputs: Vec<String>,
     pub batcher: Batcher,
+    pub verdict_metrics: VerdictMetrics,
     /// The explanation session, or why the model cannot be explained.
     pub explain: Result<ExplainSession, String>,
 }
@@ -311,6 +312,8 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             })
             .collect();
         let batcher = Batcher::start(&name, runners, shape, limits, Arc::clone(metrics));
+        let verdict_metrics =
+            VerdictMetrics::new(metrics, &name, &l.meta.classes, l.detector.score_name());
         let model = ServedModel {
             name: name.clone(),
             path: l.path,
@@ -320,6 +323,7 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             sessions,
             outputs: l.outputs,
             batcher,
+            verdict_metrics,
             explain: l.explain,
         };
         let labels = model.info_labels();

@@ -208,6 +208,37 @@ mod tests {
     }
 
     #[test]
+    fn a_verdict_lists_the_five_gated_filters_furthest_from_their_clean_means() {
+        let meta = shipped();
+        let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
+        let gate = detector.gate().unwrap().clone();
+        let stats = detector.gated_stats().unwrap().clone();
+        let stage2 = &meta.calibration.as_ref().unwrap().stages[0];
+        let gap = vec![0.5f32; stage2.channels];
+        let spatial = vec![0.5f32; 2 * stage2.channels];
+        for class in [0, 3, 9] {
+            let mut logits = vec![0.0f32; 10];
+            logits[class] = 4.0;
+            // Scattered activations, then every filter at its clean mean (all z tied at 0,
+            // so the order falls back to the filter index).
+            let scattered: Vec<f32> = (0..gate.filters)
+                .map(|k| ((k * 37 % 101) as f32) / 25.0)
+                .collect();
+            let at_mean = stats.means[class].clone();
+            for acts in [scattered, at_mean] {
+                let sample = Sample {
+                    logits: &logits,
+                    stages: vec![&gap, &spatial, &acts],
+                };
+                let verdict = detector.judge(&sample);
+                let all = crate::detect::gated_deviations(&gate, &acts, Some(&stats), class);
+                assert!(all.len() > 5, "class {class} has {} gated filters", all.len());
+                assert_eq!(verdict.top_filters, all[..5], "class {class}");
+            }
+        }
+    }
+
+    #[test]
     fn validation_refuses_spatial_features_the_model_cannot_produce() {
         let meta = shipped();
         let cal = meta.calibration.clone().expect("calibrated");

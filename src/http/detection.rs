@@ -171,19 +171,11 @@ pub(crate) fn verdict(
         logits,
         stages: stages.iter().map(Vec::as_slice).collect(),
     });
-    let m = &state.metrics;
-    let label = match verdict.is_adversarial {
-        Some(true) => "adversarial",
-        Some(false) => "clean",
-        None => "unjudged",
-    };
-    m.verdicts
-        .with_label_values(&[model.name.as_str(), verdict.label.as_str(), label])
-        .inc();
-    if verdict.score.is_finite() {
-        m.scores
-            .with_label_values(&[model.name.as_str(), verdict.score_name])
-            .observe(verdict.score);
-    }
+    model.verdict_metrics.record(
+        &state.metrics,
+        verdict.class_id,
+        verdict.is_adversarial,
+        verdict.score,
+    );
     Ok(verdict)
 }
