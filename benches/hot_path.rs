@@ -7,12 +7,7 @@
 //! depend on them), real Fashion-MNIST test images where the Debian package is installed and
 //! synthetic ones otherwise, and a 128×128 RGB image for the ResNet-sized input.
 //! The end-to-end figures against the in-process limit are `benches/load.sh`'s.
-//!
-//! `forward/…` is the exception: what detection adds to classification itself, in-process on
-//! one thread. `classify` runs a batch of 32 through a session cut down to the logits (all a
-//! classifier computes); `detect` through the session the daemon serves with (the detector's
-//! outputs, the map reduced on the way out) and judges every image. It needs the ONNX Runtime
-//! library (`.ort/`, or `ORT_DYLIB_PATH`) and is skipped without it.
+//! What detection adds to a classifier's whole forward pass is `load -- forward-cost`.
 
 use std::hint::black_box;
 use std::io::Cursor;
@@ -22,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use csg_bundle::{BundleMeta, InputSpec};
-use csgd::batch::{Batcher, Limits, ModelRunner, Runner};
+use csgd::batch::{Batcher, Limits, Runner};
 use csgd::detect::{Detector, Sample, ScoreKind, reduce_map};
 use csgd::metrics::Metrics;
 use csgd::preprocess;
@@ -225,77 +220,6 @@ fn scoring(c: &mut Criterion) {
     group.finish();
 }
 
-/// Detect against classify, in-process (module docs).
-fn forward(c: &mut Criterion) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
-    let library = std::env::var("ORT_DYLIB_PATH")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.ort/libonnxruntime.so").into());
-    if !Path::new(&library).is_file() {
-        eprintln!("forward/*: skipped, no ONNX Runtime library at {library}");
-        return;
-    }
-    let cfg = csgd::config::RuntimeConfig {
-        ort_library: library,
-        intra_op_threads: 1,
-        ..Default::default()
-    };
-    let meta = meta();
-    let detector = Detector::new(&meta, ScoreKind::Combined).expect("detector");
-    let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
-        .chain(detector.stage_outputs().iter().cloned())
-        .collect();
-    let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-    let load = |keep: &[&str]| {
-        csgd::runtime::Model::load_for(&path, &cfg, keep).expect("the shipped model loads")
-    };
-    let mut classifier = load(&[meta.outputs.logits.as_str()]);
-    let mut runner = ModelRunner {
-        model: load(&names),
-        outputs: outputs.clone(),
-        // As the daemon builds it: the logits, then the detector's stage outputs.
-        maps: std::iter::once(None)
-            .chain(detector.map_channels().iter().copied())
-            .collect(),
-    };
-    let spec = &meta.input;
-    let png = fashion_png();
-    let image = preprocess::preprocess_image(&png, Some("image/png"), spec, u64::MAX)
-        .expect("the test image decodes");
-    const BATCH: usize = 32;
-    let data: Vec<f32> = (0..BATCH).flat_map(|_| image.iter().copied()).collect();
-    let input = ArrayView4::from_shape((BATCH, spec.channels, spec.height, spec.width), &data)
-        .expect("batch shape");
-    let mut group = c.benchmark_group("forward");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    group.bench_function("classify", |b| {
-        b.iter(|| {
-            classifier
-                .run(black_box(input), &[meta.outputs.logits.as_str()])
-                .expect("logits")
-        })
-    });
-    group.bench_function("detect", |b| {
-        b.iter(|| {
-            let out = runner.run(black_box(input)).expect("outputs");
-            let Some((logits, stages)) = out.split_first() else {
-                panic!("no outputs");
-            };
-            for i in 0..BATCH {
-                let rows: Vec<_> = stages.iter().map(|s| s.row(i)).collect();
-                let verdict = detector.judge(&Sample {
-                    logits: logits.row(i).to_slice().expect("contiguous"),
-                    stages: rows
-                        .iter()
-                        .map(|r| r.to_slice().expect("contiguous"))
-                        .collect(),
-                });
-                black_box(verdict);
-            }
-        })
-    });
-    group.finish();
-}
-
 /// A runner that returns zeros at once: what is left is the queue's own cost.
 struct Instant2 {
     widths: [usize; 2],
@@ -353,6 +277,6 @@ fn batching(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = decode, scoring, batching, forward
+    targets = decode, scoring, batching
 }
 criterion_main!(benches);

@@ -9,6 +9,7 @@
 mod client;
 mod cost;
 mod daemon;
+mod forward;
 mod limit;
 mod reliability;
 mod report;
@@ -48,6 +49,23 @@ enum Cmd {
     },
     /// Soak at a fraction of saturation, then overload at a multiple of it (issue 8).
     Reliability(reliability::ReliabilityArgs),
+    /// What detection adds to a plain classifier's forward pass, in-process on one thread.
+    ForwardCost {
+        #[arg(long, default_value = "models/fashion-csg.onnx")]
+        model: PathBuf,
+        #[arg(long, default_value = ".ort/libonnxruntime.so")]
+        ort_library: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        /// Calls per variant per round.
+        #[arg(long, default_value_t = 20)]
+        calls: usize,
+        /// Where the result JSON goes.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Merge suite results into one JSON file and a Markdown table.
     Table {
         inputs: Vec<PathBuf>,
@@ -120,6 +138,22 @@ fn main() -> Result<()> {
             images,
         }) => stand_in_calibration(&model, &ort_library, images),
         Some(Cmd::Table { inputs, json, md }) => report::table(&inputs, &json, &md),
+        Some(Cmd::ForwardCost {
+            model,
+            ort_library,
+            batch,
+            rounds,
+            calls,
+            out,
+        }) => {
+            let cost = forward::run(&model, &ort_library, batch, rounds, calls)?;
+            if let Some(out) = out {
+                std::fs::write(&out, serde_json::to_string_pretty(&cost)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            println!("{}", forward::markdown(&cost));
+            Ok(())
+        }
         Some(Cmd::Reliability(args)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -232,7 +232,11 @@ mod tests {
                 };
                 let verdict = detector.judge(&sample);
                 let all = crate::detect::gated_deviations(&gate, &acts, Some(&stats), class);
-                assert!(all.len() > 5, "class {class} has {} gated filters", all.len());
+                assert!(
+                    all.len() > 5,
+                    "class {class} has {} gated filters",
+                    all.len()
+                );
                 assert_eq!(verdict.top_filters, all[..5], "class {class}");
             }
         }

@@ -11,7 +11,8 @@
 //!
 //! Explanations need the gated stage's feature map, which only bundles exported with
 //! `--feature-map` have; it is fetched from ONNX Runtime only here, on a session of its own
-//! ([`ExplainSession`]), so the batched detect path never pays for it.
+//! ([`ExplainSession`]). The batched detect path's sessions are cut down to the detector's
+//! outputs ([`crate::runtime::Model::load_for`]), so they never compute it.
 
 pub mod classifier;
 pub mod deletion;
