@@ -129,7 +129,8 @@ impl Model {
     /// Like [`Model::load`], for a session that computes only `outputs`: the graph is cut down
     /// to them ([`csg_bundle::prune`]) before ONNX Runtime sees it, since it runs every node
     /// of a graph on every call, asked for or not. The daemon's inference sessions are made
-    /// this way; explanations, which read the feature map, keep the whole graph.
+    /// this way; explanations, which read the feature map, keep the whole graph. A model whose
+    /// weights live in external files is loaded whole (`run` still checks what is asked).
     pub fn load_for(
         path: &Path,
         cfg: &RuntimeConfig,
@@ -148,14 +149,16 @@ impl Model {
             message: e.to_string(),
         })?;
         let meta = read_bundle_meta(path)?;
+        // `None` (also for weights in external files, which ONNX Runtime reads relative to
+        // the file): the whole graph, from the file.
         let pruned = match keep {
             None => None,
-            Some(keep) => Some(csg_bundle::prune::read_pruned(path, keep).map_err(|e| {
-                RuntimeError::Graph {
+            Some(keep) => {
+                csg_bundle::prune::read_pruned(path, keep).map_err(|e| RuntimeError::Graph {
                     path: path.to_path_buf(),
                     message: e.to_string(),
-                }
-            })?),
+                })?
+            }
         };
         let env = environment(cfg)?;
         let bytes = pruned.as_ref().map(|(bytes, _)| bytes.as_slice());

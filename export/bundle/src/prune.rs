@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{GraphProto, ModelProto};
 use protobuf::Message;
 
@@ -34,15 +35,29 @@ pub enum PruneError {
 }
 
 /// The ONNX file at `path` with its graph cut down to `keep` ([`keep_outputs`]), serialised
-/// for ONNX Runtime; and the names of all the outputs the file's graph has.
-pub fn read_pruned(path: &Path, keep: &[&str]) -> Result<(Vec<u8>, Vec<String>), PruneError> {
+/// for ONNX Runtime; and the names of all the outputs the file's graph has. `None` for a
+/// model whose weights live in external files: ONNX Runtime finds those relative to the
+/// model's own path, so such a model must be loaded from its file, whole.
+pub fn read_pruned(
+    path: &Path,
+    keep: &[&str],
+) -> Result<Option<(Vec<u8>, Vec<String>)>, PruneError> {
     let mut model = crate::onnx::read_model(path)?;
+    if has_external_data(&model) {
+        return Ok(None);
+    }
     let outputs = model.graph.output.iter().map(|o| o.name.clone()).collect();
     keep_outputs(&mut model, keep)?;
     let bytes = model
         .write_to_bytes()
         .map_err(|e| PruneError::Encode(e.to_string()))?;
-    Ok((bytes, outputs))
+    Ok(Some((bytes, outputs)))
+}
+
+fn has_external_data(model: &ModelProto) -> bool {
+    model.graph.initializer.iter().any(|t| {
+        t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) || !t.external_data.is_empty()
+    })
 }
 
 /// Restricts `model`'s graph to the outputs named in `keep` (kept in the graph's own order),
@@ -272,6 +287,24 @@ mod tests {
             && i == &strings(&["late"])
             && o == &strings(&["copy"])));
         assert_eq!(m.graph.node.len(), 4);
+    }
+
+    #[test]
+    fn a_model_with_external_weights_is_left_to_be_loaded_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let write = |model: &ModelProto| std::fs::write(&path, model.write_to_bytes().unwrap());
+        write(&model());
+        let (bytes, outputs) = read_pruned(&path, &["early"]).unwrap().unwrap();
+        assert_eq!(outputs, ["map", "early", "late", "copy"]);
+        let cut = ModelProto::parse_from_bytes(&bytes).unwrap();
+        assert_eq!(cut.graph.node.len(), 3);
+
+        let mut external = model();
+        external.graph.as_mut().unwrap().initializer[0].data_location =
+            DataLocation::EXTERNAL.into();
+        write(&external);
+        assert!(read_pruned(&path, &["early"]).unwrap().is_none());
     }
 
     #[test]
