@@ -161,14 +161,14 @@ impl Model {
             }
         };
         let env = environment(cfg)?;
-        let bytes = pruned.as_ref().map(|(bytes, _)| bytes.as_slice());
+        let bytes = pruned.as_ref().map(|p| p.bytes.as_slice());
         let (session, provider) = create_session(&env, path, bytes, cfg)?;
         let outputs: Vec<String> = session
             .outputs()
             .iter()
             .map(|o| o.name().to_owned())
             .collect();
-        let graph_outputs = pruned.map_or_else(|| outputs.clone(), |(_, all)| all);
+        let graph_outputs = pruned.map_or_else(|| outputs.clone(), |p| p.graph_outputs);
         let model = Model {
             outputs,
             session,

@@ -34,24 +34,32 @@ pub enum PruneError {
     },
 }
 
-/// The ONNX file at `path` with its graph cut down to `keep` ([`keep_outputs`]), serialised
-/// for ONNX Runtime; and the names of all the outputs the file's graph has. `None` for a
+/// A model cut down by [`read_pruned`].
+#[derive(Debug)]
+pub struct Pruned {
+    /// The cut-down model, serialised for ONNX Runtime.
+    pub bytes: Vec<u8>,
+    /// Every output of the file's graph, before the cut.
+    pub graph_outputs: Vec<String>,
+}
+
+/// The ONNX file at `path` with its graph cut down to `keep` ([`keep_outputs`]). `None` for a
 /// model whose weights live in external files: ONNX Runtime finds those relative to the
 /// model's own path, so such a model must be loaded from its file, whole.
-pub fn read_pruned(
-    path: &Path,
-    keep: &[&str],
-) -> Result<Option<(Vec<u8>, Vec<String>)>, PruneError> {
+pub fn read_pruned(path: &Path, keep: &[&str]) -> Result<Option<Pruned>, PruneError> {
     let mut model = crate::onnx::read_model(path)?;
     if has_external_data(&model) {
         return Ok(None);
     }
-    let outputs = model.graph.output.iter().map(|o| o.name.clone()).collect();
+    let graph_outputs = model.graph.output.iter().map(|o| o.name.clone()).collect();
     keep_outputs(&mut model, keep)?;
     let bytes = model
         .write_to_bytes()
         .map_err(|e| PruneError::Encode(e.to_string()))?;
-    Ok(Some((bytes, outputs)))
+    Ok(Some(Pruned {
+        bytes,
+        graph_outputs,
+    }))
 }
 
 fn has_external_data(model: &ModelProto) -> bool {
@@ -293,11 +301,13 @@ mod tests {
     fn a_model_with_external_weights_is_left_to_be_loaded_from_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.onnx");
-        let write = |model: &ModelProto| std::fs::write(&path, model.write_to_bytes().unwrap());
+        let write = |model: &ModelProto| {
+            std::fs::write(&path, model.write_to_bytes().unwrap()).unwrap();
+        };
         write(&model());
-        let (bytes, outputs) = read_pruned(&path, &["early"]).unwrap().unwrap();
-        assert_eq!(outputs, ["map", "early", "late", "copy"]);
-        let cut = ModelProto::parse_from_bytes(&bytes).unwrap();
+        let pruned = read_pruned(&path, &["early"]).unwrap().unwrap();
+        assert_eq!(pruned.graph_outputs, ["map", "early", "late", "copy"]);
+        let cut = ModelProto::parse_from_bytes(&pruned.bytes).unwrap();
         assert_eq!(cut.graph.node.len(), 3);
 
         let mut external = model();
