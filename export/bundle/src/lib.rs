@@ -1,6 +1,7 @@
 //! Types shared by the three crates of csgd: the trainer writes them, the exporter turns them
 //! into an ONNX bundle, and the daemon reads them back. One definition, so the three cannot
-//! drift apart. [`onnx`] reads and writes the metadata inside an ONNX file.
+//! drift apart. [`onnx`] reads and writes the metadata inside an ONNX file; [`prune`] cuts a
+//! bundle's graph down to the outputs one session reads.
 
 pub mod arch;
 pub mod calibration;
