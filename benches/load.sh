@@ -4,7 +4,7 @@
 # own overhead shows) and a ResNet-18 at 128×128 (compute-bound; random weights from the
 # official-format fixture, exported and calibrated on synthetic images here, nothing committed).
 #
-#   benches/load.sh            # full run (~6 min on 2 idle cores)
+#   benches/load.sh            # full run (~11 min on 2 idle cores)
 #   QUICK=1 benches/load.sh    # shorter measurements, for checking the script
 #
 # Writes benches/results/cpu-latest.{json,md} and prints the table; then what detection adds to a
