@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array2, ArrayView4};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::detect::reduce_map;
+use crate::detect::{Detector, reduce_map};
 use crate::metrics::Metrics;
 use crate::runtime::{Model, RuntimeError, flatten};
 
@@ -31,11 +31,36 @@ pub trait Runner: Send + 'static {
 
 /// A [`Model`] with the outputs the detector needs, in the order it needs them.
 pub struct ModelRunner {
-    pub model: Model,
-    pub outputs: Vec<String>,
+    model: Model,
+    outputs: Vec<String>,
     /// Per output: the channels of a feature map to hand on as its spatial statistics
     /// ([`reduce_map`]), reduced here while ONNX Runtime's output is still in cache.
-    pub maps: Vec<Option<usize>>,
+    maps: Vec<Option<usize>>,
+}
+
+impl ModelRunner {
+    /// Runs `model` for `detector`: its [`Detector::fetched_outputs`], with the feature maps
+    /// among them reduced as [`Detector::reduce_maps`] does.
+    pub fn new(model: Model, detector: &Detector) -> Self {
+        let outputs = detector.fetched_outputs(&model.meta().outputs.logits);
+        let maps = std::iter::once(None)
+            .chain(detector.map_channels().iter().copied())
+            .collect();
+        Self {
+            model,
+            outputs,
+            maps,
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The outputs [`Runner::run`] returns, in order.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
 }
 
 impl Runner for ModelRunner {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use csg_bundle::BundleMeta;
 use ndarray::Array4;
 
-use crate::batch::{Batcher, Limits, ModelRunner};
+use crate::batch::{Batcher, Limits, ModelRunner, Runner};
 use crate::config::{ModelEntry, Settings};
 use crate::detect::{DetectError, Detector, Sample};
 use crate::explain::{ExplainError, ExplainSession, Explainer};
@@ -100,8 +100,8 @@ pub struct Loaded {
     path: PathBuf,
     meta: BundleMeta,
     detector: Detector,
-    outputs: Vec<String>,
-    sessions: Vec<Model>,
+    /// One runner per session, each warmed up.
+    runners: Vec<ModelRunner>,
     explain: Result<ExplainSession, String>,
 }
 
@@ -148,36 +148,32 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
                 name: name.clone(),
                 error,
             })?;
-        let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
-            .chain(detector.stage_outputs().iter().cloned())
-            .collect();
         // The inference sessions compute only what the detector reads.
+        let outputs = detector.fetched_outputs(&meta.outputs.logits);
         let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        let mut sessions = Vec::new();
+        let mut runners = Vec::new();
         for _ in 0..settings.runtime.sessions_per_model {
-            sessions.push(Model::load_for(&path, &settings.runtime, &names).map_err(runtime_err)?);
+            let model = Model::load_for(&path, &settings.runtime, &names).map_err(runtime_err)?;
+            let mut runner = ModelRunner::new(model, &detector);
+            warm_up(&mut runner, &meta, &detector).map_err(|message| RegistryError::Warmup {
+                name: name.clone(),
+                message,
+            })?;
+            runners.push(runner);
         }
-        if sessions.is_empty() {
+        let Some(provider) = runners.first().map(|r| r.model().provider().to_owned()) else {
             return Err(RegistryError::Warmup {
                 name,
                 message: "no sessions (runtime.sessions_per_model)".into(),
             });
-        }
-        for session in &mut sessions {
-            warm_up(session, &meta, &detector, &outputs).map_err(|message| {
-                RegistryError::Warmup {
-                    name: name.clone(),
-                    message,
-                }
-            })?;
-        }
+        };
         let explain = explain_session(&name, &path, &meta, &detector, settings)?;
         tracing::info!(
             model = %name,
             path = %path.display(),
             version = %meta.version,
-            provider = sessions[0].provider(),
-            sessions = sessions.len(),
+            provider,
+            sessions = runners.len(),
             calibrated = detector.is_calibrated(),
             score = detector.score_name(),
             explain = explain.is_ok(),
@@ -188,8 +184,7 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
             path,
             meta,
             detector,
-            outputs,
-            sessions,
+            runners,
             explain,
         });
     }
@@ -227,18 +222,13 @@ fn explain_session(
         .map_err(explain_err)
 }
 
-/// Runs a zero batch and checks every output's width against the metadata, so that a graph
-/// whose outputs disagree with its bundle fails here rather than on a request.
-fn warm_up(
-    model: &mut Model,
-    meta: &BundleMeta,
-    detector: &Detector,
-    outputs: &[String],
-) -> Result<(), String> {
+/// Runs a zero batch through `runner`, the path requests take, and checks every output's
+/// width against the metadata, so that a graph whose outputs disagree with its bundle fails
+/// here rather than on a request.
+fn warm_up(runner: &mut ModelRunner, meta: &BundleMeta, detector: &Detector) -> Result<(), String> {
     let spec = &meta.input;
     let input = Array4::<f32>::zeros((1, spec.channels, spec.height, spec.width));
-    let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-    let mut result = model.run(input.view(), &names).map_err(|e| e.to_string())?;
+    let result = runner.run(input.view())?;
     let expected_width = |name: &str| -> Option<usize> {
         if name == meta.outputs.logits {
             Some(meta.classes.len())
@@ -252,7 +242,7 @@ fn warm_up(
                 .map(|s| s.channels)
         }
     };
-    for (name, array) in outputs.iter().zip(&result) {
+    for (name, array) in runner.outputs().iter().zip(&result) {
         if let Some(want) = expected_width(name)
             && array.ncols() != want
         {
@@ -261,9 +251,6 @@ fn warm_up(
                 array.ncols()
             ));
         }
-    }
-    if let Some(stages) = result.get_mut(1..) {
-        detector.reduce_maps(stages).map_err(|e| e.to_string())?;
     }
     let rows: Vec<Vec<f32>> = result.iter().map(|a| a.row(0).to_vec()).collect();
     let Some((logits, stages)) = rows.split_first() else {
@@ -292,26 +279,19 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
     for l in loaded {
         let name = l.entry.name.clone();
         let provider = l
-            .sessions
+            .runners
             .first()
-            .map_or("cpu", |s| s.provider())
+            .map_or("cpu", |r| r.model().provider())
             .to_owned();
-        let sessions = l.sessions.len();
+        let sessions = l.runners.len();
+        let outputs = l
+            .runners
+            .first()
+            .map(|r| r.outputs().to_vec())
+            .unwrap_or_default();
         let spec = &l.meta.input;
         let shape = [spec.channels, spec.height, spec.width];
-        let runners: Vec<ModelRunner> = l
-            .sessions
-            .into_iter()
-            .map(|model| ModelRunner {
-                model,
-                outputs: l.outputs.clone(),
-                // `outputs` is the logits, then the detector's stage outputs (`load`).
-                maps: std::iter::once(None)
-                    .chain(l.detector.map_channels().iter().copied())
-                    .collect(),
-            })
-            .collect();
-        let batcher = Batcher::start(&name, runners, shape, limits, Arc::clone(metrics));
+        let batcher = Batcher::start(&name, l.runners, shape, limits, Arc::clone(metrics));
         let verdict_metrics =
             VerdictMetrics::new(metrics, &name, &l.meta.classes, l.detector.score_name());
         let model = ServedModel {
@@ -321,7 +301,7 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             detector: l.detector,
             provider,
             sessions,
-            outputs: l.outputs,
+            outputs,
             batcher,
             verdict_metrics,
             explain: l.explain,

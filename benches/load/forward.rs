@@ -63,17 +63,15 @@ pub fn run(
         "{} has no calibration to judge with",
         path.display()
     );
-    let served: Vec<String> = std::iter::once(meta.outputs.logits.clone())
-        .chain(detector.stage_outputs().iter().cloned())
-        .collect();
-    let maps: Vec<Option<usize>> = std::iter::once(None)
-        .chain(detector.map_channels().iter().copied())
-        .collect();
+    let served = detector.fetched_outputs(&meta.outputs.logits);
+    // The served outputs less the feature maps (the logits are never one).
+    let maps = detector.map_channels();
+    let is_map = |i: usize| i > 0 && maps.get(i - 1).is_some_and(Option::is_some);
     let gaps: Vec<&str> = served
         .iter()
-        .zip(&maps)
-        .filter(|(_, map)| map.is_none())
-        .map(|(name, _)| name.as_str())
+        .enumerate()
+        .filter(|&(i, _)| !is_map(i))
+        .map(|(_, name)| name.as_str())
         .collect();
     let load = |keep: &[&str]| {
         Model::load_for(path, &cfg, keep).with_context(|| format!("loading {}", path.display()))
@@ -82,11 +80,7 @@ pub fn run(
     let mut classifier = load(&logits)?;
     let mut gap_model = load(&gaps)?;
     let served_names: Vec<&str> = served.iter().map(String::as_str).collect();
-    let mut runner = ModelRunner {
-        model: load(&served_names)?,
-        outputs: served.clone(),
-        maps,
-    };
+    let mut runner = ModelRunner::new(load(&served_names)?, &detector);
 
     let pngs = crate::request_pngs(&meta, batch)?;
     let spec = &meta.input;

@@ -32,9 +32,7 @@ impl Limit {
         let intra_threads = cfg.intra_threads();
         let meta = csgd::runtime::read_bundle_meta(path)?;
         let detector = Detector::new(&meta, ScoreKind::Combined)?;
-        let outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
-            .chain(detector.stage_outputs().iter().cloned())
-            .collect();
+        let outputs = detector.fetched_outputs(&meta.outputs.logits);
         // Cut down to those outputs, as the daemon's sessions are.
         let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
         let model = Model::load_for(path, cfg, &names)

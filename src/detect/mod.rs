@@ -223,6 +223,15 @@ impl Detector {
         &self.stage_outputs
     }
 
+    /// Every output a verdict reads, in the order a [`Sample`] is built from: the model's
+    /// logits output (`logits` names it), then [`Self::stage_outputs`]. What an inference
+    /// session fetches per batch.
+    pub fn fetched_outputs(&self, logits: &str) -> Vec<String> {
+        std::iter::once(logits.to_owned())
+            .chain(self.stage_outputs.iter().cloned())
+            .collect()
+    }
+
     /// Per entry of [`Self::stage_outputs`]: `Some(channels)` where it is a feature map that
     /// [`Self::reduce_maps`] turns into spatial statistics.
     pub fn map_channels(&self) -> &[Option<usize>] {

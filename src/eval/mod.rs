@@ -153,9 +153,7 @@ fn score_images(
     let Some(cal) = detector.calibration() else {
         return Err(EvalError::Uncalibrated(model.path().to_owned()));
     };
-    let names: Vec<String> = std::iter::once(model.meta().outputs.logits.clone())
-        .chain(detector.stage_outputs().iter().cloned())
-        .collect();
+    let names = detector.fetched_outputs(&model.meta().outputs.logits);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut predicted = Vec::new();
     let mut scores = ScoreLists::new();

@@ -28,9 +28,7 @@ fn cost_of_an_explanation_against_a_detect_call() {
     let meta = model.meta().clone();
     let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
     let input = vec![csgd::preprocess::normalise_gray_u8(&images[0], &meta.input)];
-    let detect_outputs: Vec<String> = std::iter::once(meta.outputs.logits.clone())
-        .chain(detector.stage_outputs().iter().cloned())
-        .collect();
+    let detect_outputs = detector.fetched_outputs(&meta.outputs.logits);
     let explainer = Explainer::new(&meta, detector, &path).unwrap();
     // Interleaved, so a change in the machine's load hits every figure alike.
     let detect_names: Vec<&str> = detect_outputs.iter().map(String::as_str).collect();
