@@ -180,8 +180,8 @@ fn folder_images(dir: &Path, meta: &BundleMeta) -> Result<CleanImages, Calibrate
     })
 }
 
-/// The outputs to read: each chosen stage's GAP, followed by its feature map when `spatial`
-/// and the model exports it; the gated stage's GAP last.
+/// The stages to read: each chosen stage through its feature map when `spatial` and the model
+/// exports it, else through its GAP; the gated stage's GAP last.
 pub fn stage_outputs(
     meta: &BundleMeta,
     stages: Option<&[usize]>,
@@ -210,22 +210,18 @@ pub fn stage_outputs(
                     .collect::<Vec<_>>()
             )));
         };
-        let read = |output: &str, map| StageRead {
-            output: output.to_string(),
+        out.push(StageRead {
+            output: output.name.clone(),
+            map: output.map.clone().filter(|_| spatial),
             stage,
             channels: channels[stage],
-            map,
-        };
-        out.push(read(&output.name, false));
-        if let Some(map) = output.map.as_deref().filter(|_| spatial) {
-            out.push(read(map, true));
-        }
+        });
     }
     out.push(StageRead {
         output: meta.outputs.activations.clone(),
+        map: None,
         stage: last,
         channels: channels[last],
-        map: false,
     });
     Ok(out)
 }
@@ -239,7 +235,7 @@ fn run_model(
     batch_size: usize,
 ) -> Result<CleanOutputs, CalibrateError> {
     let names: Vec<String> = std::iter::once(model.meta().outputs.logits.clone())
-        .chain(stages.iter().map(|read| read.output.clone()))
+        .chain(stages.iter().map(|read| read.fetched().to_owned()))
         .collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {

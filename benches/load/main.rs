@@ -254,7 +254,7 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let classes = meta.classes.len();
     let stages = csgd::calibrate::stage_outputs(&meta, None, true)?;
     let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
-        .chain(stages.iter().map(|read| read.output.as_str()))
+        .chain(stages.iter().map(csgd::detect::fit::StageRead::fetched))
         .collect();
     let empty = || CleanOutputs::for_stages(&stages);
     let mut sets = [empty(), empty()];

@@ -137,10 +137,9 @@ mod tests {
         let cal = meta.calibration.clone().expect("calibrated");
         assert_eq!(cal.combiner, Combiner::HarmonicMean);
         let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
-        assert_eq!(
-            detector.stage_outputs(),
-            ["stage2_activations", "stage2_map", "activations"]
-        );
+        // Stage 2 is read through its map alone: its means are the GAP, so the model's GAP
+        // output of that stage is not fetched.
+        assert_eq!(detector.stage_outputs(), ["stage2_map", "activations"]);
         // A constructed 14×14 map: channel k is k/10 on its left half, 0 elsewhere.
         let stage2 = &cal.stages[0];
         let c = stage2.channels;
@@ -150,29 +149,30 @@ mod tests {
                 if pos % 14 < 7 { k as f32 / 10.0 } else { 0.0 }
             })
             .collect();
-        let gap: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
         let gated = cal.stages[1].means[0].clone();
         let mut logits = vec![0.0f32; 10];
         logits[3] = 5.0;
-        // The map reaches the detector as its spatial statistics, reduced per image.
-        assert_eq!(detector.map_channels(), [None, Some(c), None]);
+        // The map reaches the detector as its statistics, reduced per image.
+        assert_eq!(detector.map_channels(), [Some(c), None]);
         let mut outputs = vec![
-            ndarray::Array2::from_shape_vec((1, c), gap.clone()).unwrap(),
             ndarray::Array2::from_shape_vec((1, c * 196), map.clone()).unwrap(),
             ndarray::Array2::from_shape_vec((1, gated.len()), gated.clone()).unwrap(),
         ];
         detector.reduce_maps(&mut outputs).unwrap();
-        let reduced = outputs[1].row(0).to_vec();
-        assert_eq!(reduced.len(), 2 * c);
+        let reduced = outputs[0].row(0).to_vec();
+        // Stage 2 is scored on the map's mean (k/20), std (k/20) and share above zero (one
+        // half, none for channel 0).
+        let half: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
+        let share: Vec<f32> = (0..c).map(|k| if k == 0 { 0.0 } else { 0.5 }).collect();
+        let features = [half.clone(), half, share].concat();
+        assert_eq!(reduced.len(), features.len());
+        for (got, want) in reduced.iter().zip(&features) {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
         let sample = Sample {
             logits: &logits,
-            stages: vec![&gap, &reduced, &gated],
+            stages: vec![&reduced, &gated],
         };
-        // Stage 2 is scored on its GAP followed by the map's std (k/20) and share above zero
-        // (one half, none for channel 0).
-        let std: Vec<f32> = (0..c).map(|k| k as f32 / 20.0).collect();
-        let share: Vec<f32> = (0..c).map(|k| if k == 0 { 0.0 } else { 0.5 }).collect();
-        let features = [gap.clone(), std, share].concat();
         // The dense definition, from the stored precision; the detector uses its factor.
         let StageMetric::Full { precision } = &stage2.metric else {
             panic!("stage 2 has a full metric");
@@ -187,7 +187,7 @@ mod tests {
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         // A sample without the map's statistics, or with the unreduced map, cannot be
         // scored: NaN, not a panic or a guess.
-        for stages in [vec![&gap[..]], vec![&gap[..], &map[..], &gated[..]]] {
+        for stages in [vec![], vec![&map[..], &gated[..]]] {
             let short = Sample {
                 logits: &logits,
                 stages,
@@ -199,10 +199,7 @@ mod tests {
             );
         }
         // A map that does not split into the stage's channels is refused with a reason.
-        let mut odd = vec![
-            ndarray::Array2::<f32>::zeros((1, c)),
-            ndarray::Array2::<f32>::zeros((1, c * 196 + 1)),
-        ];
+        let mut odd = vec![ndarray::Array2::<f32>::zeros((1, c * 196 + 1))];
         let err = detector.reduce_maps(&mut odd).unwrap_err().to_string();
         assert!(err.contains("channels"), "{err}");
     }

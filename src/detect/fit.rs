@@ -4,7 +4,6 @@
 //! covariances, the second gives the clean score tables (p-values) and thresholds, so no table
 //! score was computed on an image its own statistics were fitted on.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use csg_bundle::{BundleMeta, Gate};
@@ -23,28 +22,37 @@ pub struct CleanOutputs {
     pub labels: Vec<usize>,
     /// [N, C] row-major.
     pub logits: Vec<f32>,
-    /// Per output read by the detector, in [`Detector::stage_outputs`] order: a stage's GAP,
-    /// then its map's spatial statistics when they are used (same `stage`); the gated stage
-    /// last.
+    /// Per stage read by the detector, in [`Detector::stage_outputs`] order: its GAP, or its
+    /// map's statistics where they are used; the gated stage last.
     pub stages: Vec<StageData>,
 }
 
-/// A model output calibration reads.
+/// A stage calibration reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageRead {
+    /// The stage's GAP output.
     pub output: String,
+    /// Its feature map, read instead of the GAP where spatial statistics are used (their
+    /// means are the GAP).
+    pub map: Option<String>,
     /// 0-based stage it describes.
     pub stage: usize,
     /// The stage's channels.
     pub channels: usize,
-    /// The output is the stage's feature map, kept as its spatial statistics.
-    pub map: bool,
 }
 
-/// One model output over a set of images; a feature map is kept as its spatial statistics
+impl StageRead {
+    /// The model output fetched for this stage.
+    pub fn fetched(&self) -> &str {
+        self.map.as_deref().unwrap_or(&self.output)
+    }
+}
+
+/// One stage's features over a set of images; a feature map is kept as its statistics
 /// ([`csg_bundle::score::spatial_features`]), not whole.
 #[derive(Debug, Clone, Default)]
 pub struct StageData {
+    /// The stage's GAP output.
     pub output: String,
     /// 0-based stage it describes.
     pub stage: usize,
@@ -52,8 +60,9 @@ pub struct StageData {
     pub channels: usize,
     /// [N, channels] row-major.
     pub values: Vec<f32>,
-    /// The stage's channels, when this output is a feature map reduced as it is pushed.
-    pub map_channels: Option<usize>,
+    /// The feature map and its channels, when the stage is read through its map (reduced to
+    /// its statistics as it is pushed).
+    pub map: Option<(String, usize)>,
 }
 
 impl StageData {
@@ -63,8 +72,8 @@ impl StageData {
 
     /// Appends one image's output (a feature map's spatial statistics for a map).
     pub fn push_image(&mut self, values: &[f32]) -> Result<(), DetectError> {
-        let kept = match self.map_channels {
-            Some(c) => csg_bundle::score::spatial_features(values, c),
+        let kept = match &self.map {
+            Some((_, c)) => csg_bundle::score::spatial_features(values, *c),
             None => Some(values.to_vec()),
         };
         match kept {
@@ -74,10 +83,10 @@ impl StageData {
             }
             _ => Err(DetectError::Calibration(format!(
                 "output {} gave {} values per image, expected {}",
-                self.output,
+                self.map.as_ref().map_or(&self.output, |(name, _)| name),
                 values.len(),
-                match self.map_channels {
-                    Some(c) => format!("a map of {c} channels"),
+                match &self.map {
+                    Some((_, c)) => format!("a map of {c} channels"),
                     None => self.channels.to_string(),
                 }
             ))),
@@ -96,23 +105,20 @@ impl CleanOutputs {
                 .map(|read| StageData {
                     output: read.output.clone(),
                     stage: read.stage,
-                    channels: if read.map {
-                        2 * read.channels
-                    } else {
-                        read.channels
+                    channels: match read.map {
+                        Some(_) => StageFeatures::MeanStdOccupancy.width() * read.channels,
+                        None => read.channels,
                     },
                     values: Vec::new(),
-                    map_channels: read.map.then_some(read.channels),
+                    map: read.map.clone().map(|name| (name, read.channels)),
                 })
                 .collect(),
         }
     }
 
-    /// Each stage's features: its outputs joined per image (GAP, then spatial statistics),
-    /// with the map output's name when there is one.
-    fn stage_features(&self) -> Result<Vec<(StageData, Option<String>)>, DetectError> {
+    /// Checks that every stage holds a row per image.
+    fn check_rows(&self) -> Result<(), DetectError> {
         let n = self.len();
-        let mut out: Vec<(StageData, Option<String>)> = Vec::new();
         for data in &self.stages {
             if data.values.len() != n * data.channels {
                 return Err(DetectError::Calibration(format!(
@@ -122,21 +128,8 @@ impl CleanOutputs {
                     data.channels
                 )));
             }
-            match out.last_mut() {
-                Some((joined, spatial @ None)) if joined.stage == data.stage => {
-                    let mut values = Vec::with_capacity(joined.values.len() + data.values.len());
-                    for i in 0..n {
-                        values.extend_from_slice(joined.row(i));
-                        values.extend_from_slice(data.row(i));
-                    }
-                    joined.values = values;
-                    joined.channels += data.channels;
-                    *spatial = Some(data.output.clone());
-                }
-                _ => out.push((data.clone(), None)),
-            }
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -201,6 +194,8 @@ pub fn fit(
             options.fpr
         ));
     }
+    fit_set.check_rows()?;
+    table_set.check_rows()?;
     let classes = meta.classes.len();
     let correct: Vec<usize> = (0..fit_set.len())
         .filter(|&i| fit_set.predicted(i) == fit_set.labels[i])
@@ -228,13 +223,14 @@ pub fn fit(
     };
     let gate = meta.gate.as_ref().or(empirical_gate.as_ref()).cloned();
 
-    let features = fit_set.stage_features()?;
+    let features = &fit_set.stages;
     let last = features.len() - 1;
-    if features[last].1.is_some() {
+    if features[last].map.is_some() {
         return bad("the gated (last) stage is read by its GAP alone".into());
     }
     let mut stages = Vec::new();
-    for (s, (data, map_output)) in features.iter().enumerate() {
+    for (s, data) in features.iter().enumerate() {
+        let map_output = data.map.as_ref().map(|(name, _)| name.clone());
         let (means, cov) = class_means_and_covariance(data, &fit_set.labels, &correct, classes);
         let d = data.channels;
         let kind = match map_output {
@@ -270,7 +266,7 @@ pub fn fit(
         };
         stages.push(StageStats {
             output: data.output.clone(),
-            map_output: map_output.clone(),
+            map_output,
             stage: data.stage,
             channels: d / kind.width(),
             features: kind,
@@ -300,7 +296,7 @@ pub fn fit(
         class_thresholds: BTreeMap::new(),
     };
 
-    // Score tables from the second set, from its joined per-stage rows.
+    // Score tables from the second set.
     let mut detector = Detector::assemble(
         meta.classes.clone(),
         gate,
@@ -308,15 +304,15 @@ pub fn fit(
         ScoreKind::Combined,
         Vec::new(),
     );
-    let table_features = table_set.stage_features()?;
     let c = table_set.classes();
     let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())
         .map(|i| {
-            let rows: Vec<Option<Cow<'_, [f32]>>> = table_features
+            let rows: Vec<Option<&[f32]>> = table_set
+                .stages
                 .iter()
-                .map(|(data, _)| Some(Cow::Borrowed(data.row(i))))
+                .map(|data| Some(data.row(i)))
                 .collect();
-            let gated = table_features.last().map(|(data, _)| data.row(i));
+            let gated = table_set.stages.last().map(|data| data.row(i));
             detector.scores_of(&table_set.logits[i * c..(i + 1) * c], &rows, gated)
         })
         .collect();
@@ -524,7 +520,7 @@ mod tests {
             stage: 0,
             channels: 1,
             values: vec![1.0, 3.0, 10.0, 14.0],
-            map_channels: None,
+            map: None,
         };
         let (means, cov) = class_means_and_covariance(&data, &[0, 0, 1, 1], &[0, 1, 2, 3], 2);
         assert_eq!(means, vec![vec![2.0], vec![12.0]]);
@@ -540,47 +536,29 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_gap_and_its_map_statistics_are_joined_per_image() {
-        let data = |output: &str, stage, channels, values: Vec<f32>| StageData {
-            output: output.into(),
-            stage,
-            channels,
-            values,
-            map_channels: None,
-        };
-        let outputs = CleanOutputs {
-            labels: vec![0, 1],
-            logits: vec![1.0, 0.0, 0.0, 1.0],
-            stages: vec![
-                data("gap", 1, 1, vec![1.0, 2.0]),
-                data("spatial", 1, 2, vec![10.0, 11.0, 20.0, 21.0]),
-                data("activations", 3, 1, vec![5.0, 6.0]),
-            ],
-        };
-        let features = outputs.stage_features().unwrap();
-        assert_eq!(features.len(), 2);
-        assert_eq!(features[0].0.values, vec![1.0, 10.0, 11.0, 2.0, 20.0, 21.0]);
-        assert_eq!(features[0].0.channels, 3);
-        assert_eq!(features[0].1.as_deref(), Some("spatial"));
-        assert_eq!(features[1].0.values, vec![5.0, 6.0]);
-        assert_eq!(features[1].1, None);
-
-        let mut short = outputs;
-        short.stages[1].values.pop();
-        assert!(short.stage_features().is_err());
-
-        // A map is kept as its statistics as it is pushed: 2 channels of 2 positions.
-        let mut map = CleanOutputs::for_stages(&[StageRead {
-            output: "map".into(),
+    fn a_map_is_kept_as_its_statistics_and_short_rows_are_refused() {
+        // 2 channels of 2 positions: each channel's mean, then std, then share above zero.
+        let read = StageRead {
+            output: "gap".into(),
+            map: Some("map".into()),
             stage: 1,
             channels: 2,
-            map: true,
-        }])
-        .stages
-        .remove(0);
+        };
+        assert_eq!(read.fetched(), "map");
+        let mut outputs = CleanOutputs {
+            labels: vec![0],
+            logits: vec![1.0, 0.0],
+            ..CleanOutputs::for_stages(&[read])
+        };
+        let map = &mut outputs.stages[0];
+        assert_eq!(map.channels, 6);
         map.push_image(&[0.0, 2.0, 3.0, 3.0]).unwrap();
-        assert_eq!(map.values, vec![1.0, 0.0, 0.5, 1.0]);
-        assert!(map.push_image(&[1.0, 2.0, 3.0]).is_err());
+        assert_eq!(map.values, vec![1.0, 3.0, 1.0, 0.0, 0.5, 1.0]);
+        let err = map.push_image(&[1.0, 2.0, 3.0]).unwrap_err().to_string();
+        assert!(err.contains("output map gave 3 values"), "{err}");
+        assert!(outputs.check_rows().is_ok());
+        outputs.stages[0].values.pop();
+        assert!(outputs.check_rows().is_err());
     }
 
     #[test]
@@ -591,7 +569,7 @@ mod tests {
             stage: 0,
             channels: 3,
             values: vec![0.0, 1.0, 5.0, 6.0, 1.0, 0.0],
-            map_channels: None,
+            map: None,
         };
         let outputs = CleanOutputs {
             labels: vec![0, 1],

@@ -12,8 +12,6 @@ pub mod scores;
 use csg_bundle::{BundleMeta, Gate};
 use serde::{Deserialize, Serialize};
 
-use std::borrow::Cow;
-
 use ndarray::{Array2, ArrayView2};
 
 pub use csg_bundle::calibration::{Calibration, StageStats};
@@ -68,7 +66,7 @@ pub enum DetectError {
 /// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
 /// feature maps: `[N, 2C]`. Refused when a row does not split into `channels` planes.
 pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>, DetectError> {
-    let mut out = Array2::zeros((maps.nrows(), 2 * channels));
+    let mut out = Array2::zeros((maps.nrows(), 3 * channels));
     for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
         let map = map.as_standard_layout();
         let split = match (map.as_slice(), reduced.as_slice_mut()) {
@@ -88,9 +86,9 @@ pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>,
 /// One image's model outputs, as the detector needs them.
 pub struct Sample<'a> {
     pub logits: &'a [f32],
-    /// The outputs listed by [`Detector::stage_outputs`], in that order: stages' GAP
-    /// activations, each followed, where the stage is calibrated with spatial statistics, by
-    /// those statistics of its feature map ([`Detector::reduce_maps`]), not the map itself.
+    /// The outputs listed by [`Detector::stage_outputs`], in that order: a stage's GAP
+    /// activations or, where the stage is calibrated with spatial statistics, those
+    /// statistics of its feature map ([`Detector::reduce_maps`]), not the map itself.
     pub stages: Vec<&'a [f32]>,
 }
 
@@ -167,7 +165,7 @@ impl Detector {
             Some(c) => c
                 .stages
                 .iter()
-                .flat_map(|s| s.outputs().map(String::from))
+                .map(|s| s.fetched_output().to_owned())
                 .collect(),
             None => vec![meta.outputs.activations.clone()],
         };
@@ -282,45 +280,36 @@ impl Detector {
         self.scores_of(sample.logits, &features, sample.stages.last().copied())
     }
 
-    /// Each calibrated stage's feature vector of one sample: its GAP, with the spatial
-    /// statistics of its feature map appended where the stage reads them. `None` where the
-    /// sample does not hold what the calibration reads (never for samples built from
-    /// [`Self::stage_outputs`]).
-    fn stage_features<'s>(&self, sample: &Sample<'s>) -> Vec<Option<Cow<'s, [f32]>>> {
+    /// Each calibrated stage's feature vector of one sample: its GAP, or its map's
+    /// statistics where the stage reads them. `None` where the sample does not hold what the
+    /// calibration reads (never for samples built from [`Self::stage_outputs`]).
+    fn stage_features<'s>(&self, sample: &Sample<'s>) -> Vec<Option<&'s [f32]>> {
         let Some(cal) = &self.calibration else {
             return Vec::new();
         };
-        let mut next = sample.stages.iter().copied();
         cal.stages
             .iter()
-            .map(|stats| {
-                let gap = next.next().filter(|g| g.len() == stats.channels);
-                match stats.features {
-                    StageFeatures::Mean => gap.map(Cow::Borrowed),
-                    StageFeatures::MeanStdOccupancy => {
-                        let spatial = next.next().filter(|s| s.len() == 2 * stats.channels);
-                        Some(Cow::Owned([gap?, spatial?].concat()))
-                    }
-                }
+            .enumerate()
+            .map(|(s, stats)| {
+                let features = sample.stages.get(s).copied()?;
+                (features.len() == stats.dim()).then_some(features)
             })
             .collect()
     }
 
     /// Every raw score from computed stage features ([`Self::stage_features`], or the
-    /// calibration's own joined rows) and the gated stage's activations.
+    /// calibration's own rows) and the gated stage's activations.
     pub(crate) fn scores_of(
         &self,
         logits: &[f32],
-        features: &[Option<Cow<'_, [f32]>>],
+        features: &[Option<&[f32]>],
         gated: Option<&[f32]>,
     ) -> Vec<(String, f64)> {
         let (class, _) = scores::top_class(logits);
         let mut out = Vec::new();
         if let Some(cal) = &self.calibration {
             for ((stats, scorer), features) in cal.stages.iter().zip(&self.scorers).zip(features) {
-                let score = features
-                    .as_deref()
-                    .map_or(f64::NAN, |f| scorer.score(f, class));
+                let score = features.map_or(f64::NAN, |f| scorer.score(f, class));
                 out.push((stats.component_name(), score));
             }
         }
@@ -450,7 +439,7 @@ mod tests {
             .collect();
         let maps = Array2::from_shape_vec((2, channels * plane), values.clone()).unwrap();
         let reduced = reduce_map(maps.view(), channels).unwrap();
-        assert_eq!(reduced.dim(), (2, 2 * channels));
+        assert_eq!(reduced.dim(), (2, 3 * channels));
         for (image, row) in values.chunks(channels * plane).zip(reduced.rows()) {
             let want = scores::spatial_features(image, channels).unwrap();
             assert_eq!(row.to_vec(), want);

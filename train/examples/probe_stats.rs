@@ -100,22 +100,20 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
                 let (ph, pw) = (h / 2, w / 2);
                 for image in pooled.chunks(c * ph * pw) {
                     let spatial = spatial_features(image, c).context("pooled map shape")?;
-                    let (std, occupancy) = spatial.split_at(c);
-                    let mean = image
-                        .chunks(ph * pw)
-                        .map(|p| p.iter().sum::<f32>() / (ph * pw) as f32)
-                        .collect();
+                    let (mean, rest) = spatial.split_at(c);
+                    let (std, occupancy) = rest.split_at(c);
                     out.stages[pooled_stage].push(StageStats {
-                        mean,
+                        mean: mean.to_vec(),
                         std: std.to_vec(),
                         occupancy: occupancy.to_vec(),
                     });
                 }
             }
             for (mean, image) in means.chunks(c).zip(values.chunks(c * h * w)) {
-                // The daemon's own definition: every channel's std, then every share.
+                // The daemon's own definition: every channel's mean, std, then share (the
+                // probe keeps the model's GAP as the mean, as the stage's other outputs do).
                 let spatial = spatial_features(image, c).context("stage map shape")?;
-                let (std, occupancy) = spatial.split_at(c);
+                let (std, occupancy) = spatial[c..].split_at(c);
                 out.stages[stage].push(StageStats {
                     mean: mean.to_vec(),
                     std: std.to_vec(),
@@ -283,7 +281,7 @@ fn main() -> Result<()> {
                 stage,
                 channels: values.len() / fit.len(),
                 values,
-                map_channels: None,
+                map: None,
             };
             let (means, precision) = tied_gaussian(&data, &labels, &correct, 10, shrinkage)?;
             let distances = |p: &Probed| -> Vec<f64> {

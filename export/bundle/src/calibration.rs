@@ -72,9 +72,10 @@ pub enum StageFeatures {
     /// The GAP of each channel.
     #[default]
     Mean,
-    /// GAP, then statistics of the stage's feature map ([`crate::StageOutput::map`]): each
-    /// channel's standard deviation over positions and its share of positions above zero
-    /// ([`crate::score::spatial_features`]). Noise-like
+    /// Statistics of the stage's feature map ([`crate::StageOutput::map`]): each channel's
+    /// mean (its GAP), standard deviation over positions and share of positions above zero
+    /// ([`crate::score::spatial_features`]), all computed from the map, so the stage's GAP
+    /// output is not read. Noise-like
     /// perturbations (FGSM) change how a filter's response is spread and how often it fires
     /// more than its average.
     MeanStdOccupancy,
@@ -93,9 +94,10 @@ impl StageFeatures {
 /// Clean statistics of one stage's per-image features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {
-    /// ONNX output name of the stage's GAP.
+    /// ONNX output name of the stage's GAP, read when `features` is [`StageFeatures::Mean`].
     pub output: String,
-    /// ONNX output name of its feature map, read when `features` needs spatial statistics.
+    /// ONNX output name of its feature map, read instead of the GAP when `features` needs
+    /// spatial statistics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_output: Option<String>,
     /// 0-based stage index.
@@ -160,12 +162,12 @@ impl StageStats {
         self.channels * self.features.width()
     }
 
-    /// The model outputs its features are read from, in order (GAP, then the map).
-    pub fn outputs(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.output.as_str()).chain(
-            self.map_output
-                .as_deref()
-                .filter(|_| self.features == StageFeatures::MeanStdOccupancy),
-        )
+    /// The model output its features are computed from: the feature map where spatial
+    /// statistics are read (its means are the GAP), else the GAP.
+    pub fn fetched_output(&self) -> &str {
+        match (&self.map_output, self.features) {
+            (Some(map), StageFeatures::MeanStdOccupancy) => map,
+            _ => &self.output,
+        }
     }
 }

@@ -146,8 +146,9 @@ pub fn combine(combiner: Combiner, p_values: &[f64]) -> f64 {
     }
 }
 
-/// One channel's spatial statistics, from its values over positions: (standard deviation,
-/// share of values above zero). The variance is E[x²] − E[x]², clamped at zero.
+/// One channel's statistics, from its values over positions: (mean, standard deviation,
+/// share of values above zero). The variance is E[x²] − E[x]², clamped at zero. The mean is
+/// the channel's GAP, so a stage read through its map needs no GAP output from the model.
 ///
 /// Computed by csgd rather than in the ONNX graph: ONNX Runtime keeps convolution outputs in
 /// a blocked channel layout, and the comparison and cast the share needs made it convert the
@@ -158,14 +159,18 @@ pub fn combine(combiner: Combiner, p_values: &[f64]) -> f64 {
 /// build of [`spatial_features_into`] vectorises them too (35 % faster). One pass feeding
 /// three accumulators came out three times slower than three passes.
 #[inline(always)]
-pub fn spatial_stats(channel: &[f32]) -> (f32, f32) {
+pub fn spatial_stats(channel: &[f32]) -> (f32, f32, f32) {
     let sum = lane_sum(channel, |v| v);
     let square = lane_sum(channel, |v| v * v);
     let above = lane_sum(channel, |v| if v > 0.0 { 1.0 } else { 0.0 });
     let n = channel.len().max(1) as f64;
     let mean = f64::from(sum) / n;
     let variance = (f64::from(square) / n - mean * mean).max(0.0);
-    (variance.sqrt() as f32, (f64::from(above) / n) as f32)
+    (
+        mean as f32,
+        variance.sqrt() as f32,
+        (f64::from(above) / n) as f32,
+    )
 }
 
 /// Σ f(v) over `values` in eight f32 lanes. One pass per statistic: a single loop feeding
@@ -185,16 +190,17 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The spatial statistics of one image's `[channels, h, w]` feature map, as
-/// [`StageFeatures::MeanStdOccupancy`](crate::calibration::StageFeatures) appends them to the
-/// GAP: every channel's standard deviation, then every channel's share of positions above zero.
-/// `None` when the map does not split into `channels` equal planes.
+/// The features of one image's `[channels, h, w]` feature map that
+/// [`StageFeatures::MeanStdOccupancy`](crate::calibration::StageFeatures) reads: every
+/// channel's mean (its GAP), then every channel's standard deviation, then every channel's
+/// share of positions above zero. `None` when the map does not split into `channels` equal
+/// planes.
 pub fn spatial_features(map: &[f32], channels: usize) -> Option<Vec<f32>> {
-    let mut out = vec![0.0; 2 * channels];
+    let mut out = vec![0.0; 3 * channels];
     spatial_features_into(map, channels, &mut out).then_some(out)
 }
 
-/// [`spatial_features`] written into `out` (`2 × channels` long), for callers that reduce a
+/// [`spatial_features`] written into `out` (`3 × channels` long), for callers that reduce a
 /// whole batch into one array. `false`, leaving `out` untouched, when the map does not split
 /// into `channels` equal planes or `out` has the wrong length.
 ///
@@ -206,13 +212,15 @@ pub fn spatial_features_into(map: &[f32], channels: usize, out: &mut [f32]) -> b
     if channels == 0
         || map.is_empty()
         || !map.len().is_multiple_of(channels)
-        || out.len() != 2 * channels
+        || out.len() != 3 * channels
     {
         return false;
     }
-    let (std, share) = out.split_at_mut(channels);
-    for ((plane, s), o) in map.chunks_exact(map.len() / channels).zip(std).zip(share) {
-        (*s, *o) = spatial_stats(plane);
+    let (mean, rest) = out.split_at_mut(channels);
+    let (std, share) = rest.split_at_mut(channels);
+    let planes = map.chunks_exact(map.len() / channels);
+    for (((plane, m), s), o) in planes.zip(mean).zip(std).zip(share) {
+        (*m, *s, *o) = spatial_stats(plane);
     }
     true
 }
@@ -323,13 +331,14 @@ mod tests {
     #[test]
     fn spatial_stats_of_a_constructed_channel() {
         // Values 0, 0, 2, 2: mean 1, E[x²] 2, variance 1; half the positions fire.
-        assert_eq!(spatial_stats(&[0.0, 0.0, 2.0, 2.0]), (1.0, 0.5));
-        assert_eq!(spatial_stats(&[3.0, 3.0]), (0.0, 1.0));
-        assert_eq!(spatial_stats(&[0.0; 4]), (0.0, 0.0));
+        assert_eq!(spatial_stats(&[0.0, 0.0, 2.0, 2.0]), (1.0, 1.0, 0.5));
+        assert_eq!(spatial_stats(&[3.0, 3.0]), (3.0, 0.0, 1.0));
+        assert_eq!(spatial_stats(&[0.0; 4]), (0.0, 0.0, 0.0));
         // Long enough for the lanes and a tail: values 0, 1, …, 20 (mean 10, E[x²] 410/3,
         // variance 110/3), all but the first above zero.
         let ramp: Vec<f32> = (0..21).map(|v| v as f32).collect();
-        let (std, share) = spatial_stats(&ramp);
+        let (mean, std, share) = spatial_stats(&ramp);
+        assert_eq!(mean, 10.0);
         assert!(
             (f64::from(std) - (110.0f64 / 3.0).sqrt()).abs() < 1e-5,
             "{std}"
@@ -338,20 +347,21 @@ mod tests {
     }
 
     #[test]
-    fn spatial_features_put_every_std_before_every_share() {
+    fn spatial_features_put_means_then_stds_then_shares() {
         // Two channels of four positions: (0, 0, 2, 2) and (3, 3, 3, 3).
         let map = [0.0, 0.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0];
-        assert_eq!(spatial_features(&map, 2), Some(vec![1.0, 0.0, 0.5, 1.0]));
+        let want = [1.0, 3.0, 1.0, 0.0, 0.5, 1.0];
+        assert_eq!(spatial_features(&map, 2), Some(want.to_vec()));
         assert_eq!(spatial_features(&map, 3), None);
         assert_eq!(spatial_features(&[], 2), None);
         assert_eq!(spatial_features(&map, 0), None);
         // Written in place: the same values, and nothing written into a buffer of the wrong
         // length.
-        let mut out = [9.0; 4];
+        let mut out = [9.0; 6];
         assert!(spatial_features_into(&map, 2, &mut out));
-        assert_eq!(out, [1.0, 0.0, 0.5, 1.0]);
-        let mut short = [9.0; 3];
+        assert_eq!(out, want);
+        let mut short = [9.0; 4];
         assert!(!spatial_features_into(&map, 2, &mut short));
-        assert_eq!(short, [9.0; 3]);
+        assert_eq!(short, [9.0; 4]);
     }
 }

@@ -244,9 +244,10 @@ impl DetectorSurrogate {
             let [n, c, h, w] = map.dims();
             let values: Vec<f32> = map.into_data().iter().collect();
             for (i, image) in values.chunks(c * h * w).take(n).enumerate() {
-                // A map that does not split into `c` planes leaves the features short, which
+                // The map's statistics replace the GAP (their means are the GAP), as in the
+                // daemon. A map that does not split into `c` planes leaves no features, which
                 // `judge` scores as infinitely far, like a missing stage.
-                stages[s][i].extend(score::spatial_features(image, c).unwrap_or_default());
+                stages[s][i] = score::spatial_features(image, c).unwrap_or_default();
             }
         }
         (0..logits.len())
