@@ -1,7 +1,8 @@
 //! Analysis probe, not part of csgd: would spatial statistics of a stage's feature map, beyond
 //! its global average, make a better detector component? For each stage and each choice of
 //! per-channel statistics (mean = GAP, std = spatial standard deviation, occ = share of
-//! positions the ReLU lets through), it fits a class-conditional Gaussian with a tied, shrunk
+//! positions the ReLU lets through, var = mean absolute difference between neighbours, iso =
+//! share of positions that fire alone among their 4-neighbours), it fits a class-conditional Gaussian with a tied, shrunk
 //! covariance with `csgd calibrate`'s own code and data (the correctly classified images of
 //! one half of the clean validation split), takes p-values against the other half, and puts
 //! the candidate in place of that stage's component of csgd's combined score (the harmonic
@@ -59,6 +60,48 @@ struct StageStats {
     mean: Vec<f32>,
     std: Vec<f32>,
     occupancy: Vec<f32>,
+    /// Mean absolute difference between horizontal and vertical neighbours.
+    variation: Vec<f32>,
+    /// Share of positions that fire while none of their 4-neighbours does.
+    isolated: Vec<f32>,
+}
+
+/// Texture statistics of each h×w plane of one image's map: (variation, isolated), per
+/// channel. Noise-like perturbations switch on scattered positions; these ask whether that
+/// shows more sharply than in the occupancy.
+fn texture(image: &[f32], h: usize, w: usize) -> (Vec<f32>, Vec<f32>) {
+    let pairs = (h * (w - 1) + (h - 1) * w).max(1) as f32;
+    image
+        .chunks_exact(h * w)
+        .map(|plane| {
+            let at = |y: usize, x: usize| plane[y * w + x];
+            let mut variation = 0.0f32;
+            let mut isolated = 0usize;
+            for y in 0..h {
+                for x in 0..w {
+                    if x + 1 < w {
+                        variation += (at(y, x + 1) - at(y, x)).abs();
+                    }
+                    if y + 1 < h {
+                        variation += (at(y + 1, x) - at(y, x)).abs();
+                    }
+                    let quiet = |dy: isize, dx: isize| {
+                        let (ny, nx) = (y as isize + dy, x as isize + dx);
+                        ny < 0
+                            || nx < 0
+                            || ny >= h as isize
+                            || nx >= w as isize
+                            || at(ny as usize, nx as usize) <= 0.0
+                    };
+                    if at(y, x) > 0.0 && quiet(-1, 0) && quiet(1, 0) && quiet(0, -1) && quiet(0, 1)
+                    {
+                        isolated += 1;
+                    }
+                }
+            }
+            (variation / pairs, isolated as f32 / (h * w) as f32)
+        })
+        .unzip()
 }
 
 /// Statistics of a set of images: predicted class, then per stage per image.
@@ -102,10 +145,13 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
                     let spatial = spatial_features(image, c).context("pooled map shape")?;
                     let (mean, rest) = spatial.split_at(c);
                     let (std, occupancy) = rest.split_at(c);
+                    let (variation, isolated) = texture(image, ph, pw);
                     out.stages[pooled_stage].push(StageStats {
                         mean: mean.to_vec(),
                         std: std.to_vec(),
                         occupancy: occupancy.to_vec(),
+                        variation,
+                        isolated,
                     });
                 }
             }
@@ -114,10 +160,13 @@ fn probe(net: &Network, pixels: &[f32], normalise: (f32, f32), device: &Device) 
                 // probe keeps the model's GAP as the mean, as the stage's other outputs do).
                 let spatial = spatial_features(image, c).context("stage map shape")?;
                 let (std, occupancy) = spatial[c..].split_at(c);
+                let (variation, isolated) = texture(image, h, w);
                 out.stages[stage].push(StageStats {
                     mean: mean.to_vec(),
                     std: std.to_vec(),
                     occupancy: occupancy.to_vec(),
+                    variation,
+                    isolated,
                 });
             }
         }
@@ -133,13 +182,22 @@ fn argmax(row: &[f32]) -> usize {
 
 type Pick = fn(&StageStats) -> Vec<f32>;
 
-const PICKS: [(&str, Pick); 5] = [
+const PICKS: [(&str, Pick); 8] = [
     ("mean", |s| s.mean.clone()),
     ("mean+std", |s| [&s.mean[..], &s.std].concat()),
     ("mean+occ", |s| [&s.mean[..], &s.occupancy].concat()),
     ("std+occ", |s| [&s.std[..], &s.occupancy].concat()),
     ("mean+std+occ", |s| {
         [&s.mean[..], &s.std, &s.occupancy].concat()
+    }),
+    ("mean+std+occ+var", |s| {
+        [&s.mean[..], &s.std, &s.occupancy, &s.variation].concat()
+    }),
+    ("mean+std+occ+iso", |s| {
+        [&s.mean[..], &s.std, &s.occupancy, &s.isolated].concat()
+    }),
+    ("mean+occ+var+iso", |s| {
+        [&s.mean[..], &s.occupancy, &s.variation, &s.isolated].concat()
     }),
 ];
 
