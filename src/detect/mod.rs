@@ -63,8 +63,9 @@ pub enum DetectError {
     Output(String),
 }
 
-/// Each row's spatial statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of
-/// feature maps: `[N, 2C]`. Refused when a row does not split into `channels` planes.
+/// Each row's statistics ([`scores::spatial_features`]) of a `[N, C·h·w]` batch of feature
+/// maps: `[N, 3C]` (means, stds, shares). Refused when a row does not split into `channels`
+/// planes.
 pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>, DetectError> {
     let mut out = Array2::zeros((maps.nrows(), 3 * channels));
     for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
@@ -239,7 +240,7 @@ impl Detector {
     /// Turns a batch's fetched [`Self::stage_outputs`] (each `[N, D]`) into what
     /// [`Sample::stages`] holds: each feature map becomes its per-image spatial statistics
     /// ([`reduce_map`]). Run where the map was just computed (the inference thread), this
-    /// reads it while it is still in cache and hands on 2C values per image instead of C·h·w.
+    /// reads it while it is still in cache and hands on 3C values per image instead of C·h·w.
     pub fn reduce_maps(&self, stage_outputs: &mut [Array2<f32>]) -> Result<(), DetectError> {
         for (array, channels) in stage_outputs.iter_mut().zip(&self.map_channels) {
             if let Some(channels) = *channels {
