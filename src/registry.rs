@@ -151,9 +151,15 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
         // The inference sessions compute only what the detector reads.
         let outputs = detector.fetched_outputs(&meta.outputs.logits);
         let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        let models = Model::load_sessions_for(
+            &path,
+            &settings.runtime,
+            &names,
+            settings.runtime.sessions_per_model,
+        )
+        .map_err(runtime_err)?;
         let mut runners = Vec::new();
-        for _ in 0..settings.runtime.sessions_per_model {
-            let model = Model::load_for(&path, &settings.runtime, &names).map_err(runtime_err)?;
+        for model in models {
             let mut runner = ModelRunner::new(model, &detector);
             warm_up(&mut runner, &meta, &detector).map_err(|message| RegistryError::Warmup {
                 name: name.clone(),

@@ -123,7 +123,7 @@ impl Model {
     /// of `cfg` that works, and checks that the graph has the input and outputs the metadata
     /// names. The session has every output of the graph.
     pub fn load(path: &Path, cfg: &RuntimeConfig) -> Result<Model, RuntimeError> {
-        Self::load_graph(path, cfg, None)
+        Self::one(Self::load_graph(path, cfg, None, 1)?)
     }
 
     /// Like [`Model::load`], for a session that computes only `outputs`: the graph is cut down
@@ -136,14 +136,33 @@ impl Model {
         cfg: &RuntimeConfig,
         outputs: &[&str],
     ) -> Result<Model, RuntimeError> {
-        Self::load_graph(path, cfg, Some(outputs))
+        Self::one(Self::load_graph(path, cfg, Some(outputs), 1)?)
+    }
+
+    /// `count` sessions as [`Model::load_for`] makes them, from one reading and one cut of
+    /// the graph (the daemon's `runtime.sessions_per_model`).
+    pub fn load_sessions_for(
+        path: &Path,
+        cfg: &RuntimeConfig,
+        outputs: &[&str],
+        count: usize,
+    ) -> Result<Vec<Model>, RuntimeError> {
+        Self::load_graph(path, cfg, Some(outputs), count)
+    }
+
+    fn one(mut models: Vec<Model>) -> Result<Model, RuntimeError> {
+        models.pop().ok_or_else(|| RuntimeError::Provider {
+            provider: "config",
+            message: "no session was created".into(),
+        })
     }
 
     fn load_graph(
         path: &Path,
         cfg: &RuntimeConfig,
         keep: Option<&[&str]>,
-    ) -> Result<Model, RuntimeError> {
+        count: usize,
+    ) -> Result<Vec<Model>, RuntimeError> {
         cfg.validate().map_err(|e| RuntimeError::Provider {
             provider: "config",
             message: e.to_string(),
@@ -162,23 +181,29 @@ impl Model {
         };
         let env = environment(cfg)?;
         let bytes = pruned.as_ref().map(|p| p.bytes.as_slice());
-        let (session, provider) = create_session(&env, path, bytes, cfg)?;
-        let outputs: Vec<String> = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_owned())
-            .collect();
-        let graph_outputs = pruned.map_or_else(|| outputs.clone(), |p| p.graph_outputs);
-        let model = Model {
-            outputs,
-            session,
-            meta,
-            provider,
-            path: path.to_path_buf(),
-        };
-        model.check_graph(&graph_outputs)?;
-        tracing::debug!(model = %path.display(), provider, "session created");
-        Ok(model)
+        let mut models = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (session, provider) = create_session(&env, path, bytes, cfg)?;
+            let outputs: Vec<String> = session
+                .outputs()
+                .iter()
+                .map(|o| o.name().to_owned())
+                .collect();
+            let graph_outputs = pruned
+                .as_ref()
+                .map_or_else(|| outputs.clone(), |p| p.graph_outputs.clone());
+            let model = Model {
+                outputs,
+                session,
+                meta: meta.clone(),
+                provider,
+                path: path.to_path_buf(),
+            };
+            model.check_graph(&graph_outputs)?;
+            tracing::debug!(model = %path.display(), provider, "session created");
+            models.push(model);
+        }
+        Ok(models)
     }
 
     pub fn meta(&self) -> &BundleMeta {

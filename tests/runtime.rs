@@ -111,6 +111,14 @@ fn a_session_cut_to_the_detector_s_outputs_computes_the_same_values() {
         .unwrap_err()
         .to_string();
     assert!(e.contains(&fm), "{e}");
+    // Several sessions from one cut (the daemon's sessions_per_model) compute the same.
+    let sessions = Model::load_sessions_for(&path, &cfg(), &keep, 2).unwrap();
+    assert_eq!(sessions.len(), 2);
+    let expected = cut.run(input.view(), &keep).unwrap();
+    for mut session in sessions {
+        assert_eq!(session.output_names(), cut.output_names());
+        assert_eq!(session.run(input.view(), &keep).unwrap(), expected);
+    }
     // Keeping an output the graph does not have is a load error that lists the real ones.
     let e = Model::load_for(&path, &cfg(), &["logits", "stage9_map"])
         .unwrap_err()
