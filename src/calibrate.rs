@@ -226,6 +226,13 @@ pub fn stage_outputs(
     Ok(out)
 }
 
+/// The model outputs calibration fetches for `stages`: the logits, then each stage's output.
+pub fn fetched_outputs(meta: &BundleMeta, stages: &[StageRead]) -> Vec<String> {
+    std::iter::once(meta.outputs.logits.clone())
+        .chain(stages.iter().map(|read| read.fetched().to_owned()))
+        .collect()
+}
+
 /// Runs `model` over `images` and collects logits and stage activations.
 fn run_model(
     model: &mut Model,
@@ -234,9 +241,7 @@ fn run_model(
     stages: &[StageRead],
     batch_size: usize,
 ) -> Result<CleanOutputs, CalibrateError> {
-    let names: Vec<String> = std::iter::once(model.meta().outputs.logits.clone())
-        .chain(stages.iter().map(|read| read.fetched().to_owned()))
-        .collect();
+    let names = fetched_outputs(model.meta(), stages);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {
         labels: indices.iter().map(|&i| images.labels[i]).collect(),

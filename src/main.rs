@@ -205,7 +205,6 @@ fn runtime_config() -> Result<config::RuntimeConfig> {
 }
 
 fn calibrate(args: &CalibrateArgs) -> Result<()> {
-    let mut model = csgd::runtime::Model::load(&args.model, &runtime_config()?)?;
     let options = csgd::calibrate::CalibrateOptions {
         data: csgd::calibrate::CleanData::parse(&args.data),
         stages: args.stages.clone(),
@@ -223,6 +222,12 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
         },
         batch_size: args.batch_size,
     };
+    // A session cut down to what calibration reads, as the daemon's are.
+    let meta = csgd::runtime::read_bundle_meta(&args.model)?;
+    let stages = csgd::calibrate::stage_outputs(&meta, options.stages.as_deref(), options.spatial)?;
+    let names = csgd::calibrate::fetched_outputs(&meta, &stages);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut model = csgd::runtime::Model::load_for(&args.model, &runtime_config()?, &names)?;
     let cal = csgd::calibrate::calibrate(&args.model, &mut model, &options)
         .with_context(|| format!("calibrating {}", args.model.display()))?;
     println!(
@@ -252,7 +257,12 @@ fn eval(args: &EvalArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut results = Vec::new();
     for run in &options.models {
-        let mut model = csgd::runtime::Model::load(&run.bundle, &runtime)?;
+        // The daemon's session: cut down to what the detector reads.
+        let meta = csgd::runtime::read_bundle_meta(&run.bundle)?;
+        let names = csgd::detect::Detector::new(&meta, csgd::detect::ScoreKind::Combined)?
+            .fetched_outputs(&meta.outputs.logits);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut model = csgd::runtime::Model::load_for(&run.bundle, &runtime, &names)?;
         let (result, curves) = csgd::eval::evaluate_model(run, &mut model, &options)
             .with_context(|| format!("evaluating {}", run.bundle.display()))?;
         let png = args.out.join(format!("roc-{}.png", run.label));

@@ -253,9 +253,8 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let spec = &meta.input;
     let classes = meta.classes.len();
     let stages = csgd::calibrate::stage_outputs(&meta, None, true)?;
-    let names: Vec<&str> = std::iter::once(meta.outputs.logits.as_str())
-        .chain(stages.iter().map(csgd::detect::fit::StageRead::fetched))
-        .collect();
+    let names = csgd::calibrate::fetched_outputs(&meta, &stages);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let empty = || CleanOutputs::for_stages(&stages);
     let mut sets = [empty(), empty()];
     for start in (0..images).step_by(16) {
