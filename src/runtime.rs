@@ -167,17 +167,11 @@ impl Model {
             provider: "config",
             message: e.to_string(),
         })?;
-        let meta = read_bundle_meta(path)?;
         // `None` (also for weights in external files, which ONNX Runtime reads relative to
         // the file): the whole graph, from the file.
-        let pruned = match keep {
-            None => None,
-            Some(keep) => {
-                csg_bundle::prune::read_pruned(path, keep).map_err(|e| RuntimeError::Graph {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?
-            }
+        let (meta, pruned) = match keep {
+            None => (read_bundle_meta(path)?, None),
+            Some(keep) => read_cut(path, keep)?,
         };
         let env = environment(cfg)?;
         let bytes = pruned.as_ref().map(|p| p.bytes.as_slice());
@@ -363,6 +357,28 @@ impl Model {
 
 /// Reads and validates a bundle's metadata, with errors that name the file and the problem.
 pub fn read_bundle_meta(path: &Path) -> Result<BundleMeta, RuntimeError> {
+    check_model_file(path)?;
+    csg_bundle::onnx::read_meta(path).map_err(|e| bundle_error(path, e))
+}
+
+/// A bundle's metadata and its graph cut down to `keep` ([`csg_bundle::prune::pruned`]), from
+/// one parse of the file: the metadata alone is a scan of the whole file too.
+fn read_cut(
+    path: &Path,
+    keep: &[&str],
+) -> Result<(BundleMeta, Option<csg_bundle::prune::Pruned>), RuntimeError> {
+    check_model_file(path)?;
+    let model = csg_bundle::onnx::read_model(path).map_err(|e| bundle_error(path, e))?;
+    let meta = csg_bundle::onnx::meta_of_model(&model, path).map_err(|e| bundle_error(path, e))?;
+    let pruned = csg_bundle::prune::pruned(model, keep).map_err(|e| RuntimeError::Graph {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok((meta, pruned))
+}
+
+/// A model path that is not a readable file, as an error naming it.
+fn check_model_file(path: &Path) -> Result<(), RuntimeError> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => {}
         Ok(_) => {
@@ -378,18 +394,21 @@ pub fn read_bundle_meta(path: &Path) -> Result<BundleMeta, RuntimeError> {
             });
         }
     }
-    csg_bundle::onnx::read_meta(path).map_err(|e| {
-        let text = e.to_string();
-        let message = if text.contains(&path.display().to_string()) {
-            text
-        } else {
-            format!("model {}: {text}", path.display())
-        };
-        RuntimeError::Bundle {
-            path: path.to_path_buf(),
-            message,
-        }
-    })
+    Ok(())
+}
+
+/// A bundle that cannot be read, as an error whose message names the file.
+fn bundle_error(path: &Path, e: csg_bundle::BundleError) -> RuntimeError {
+    let text = e.to_string();
+    let message = if text.contains(&path.display().to_string()) {
+        text
+    } else {
+        format!("model {}: {text}", path.display())
+    };
+    RuntimeError::Bundle {
+        path: path.to_path_buf(),
+        message,
+    }
 }
 
 fn dispatch(provider: Provider, cfg: &RuntimeConfig) -> ExecutionProviderDispatch {

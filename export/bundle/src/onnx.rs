@@ -80,6 +80,12 @@ pub fn meta_from_bytes(bytes: &[u8], origin: &Path) -> Result<BundleMeta, Bundle
     meta_from_entries(&entries, origin)
 }
 
+/// Like [`read_meta`], for a model already parsed (read once for its metadata and its graph).
+/// `origin` names the source in error messages.
+pub fn meta_of_model(model: &ModelProto, origin: &Path) -> Result<BundleMeta, BundleError> {
+    meta_from_entries(&model.metadata_props, origin)
+}
+
 /// Parses a whole ONNX model (graph and weights).
 pub fn read_model(path: &Path) -> Result<ModelProto, BundleError> {
     let file = File::open(path).map_err(io_err(path))?;

@@ -10,7 +10,6 @@
 //! renamed to the output instead). The kept outputs' values are unchanged.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use onnx_protobuf::tensor_proto::DataLocation;
 use onnx_protobuf::{GraphProto, ModelProto};
@@ -34,7 +33,7 @@ pub enum PruneError {
     },
 }
 
-/// A model cut down by [`read_pruned`].
+/// A model cut down by [`pruned`].
 #[derive(Debug)]
 pub struct Pruned {
     /// The cut-down model, serialised for ONNX Runtime.
@@ -43,11 +42,11 @@ pub struct Pruned {
     pub graph_outputs: Vec<String>,
 }
 
-/// The ONNX file at `path` with its graph cut down to `keep` ([`keep_outputs`]). `None` for a
-/// model whose weights live in external files: ONNX Runtime finds those relative to the
-/// model's own path, so such a model must be loaded from its file, whole.
-pub fn read_pruned(path: &Path, keep: &[&str]) -> Result<Option<Pruned>, PruneError> {
-    let mut model = crate::onnx::read_model(path)?;
+/// `model` (parsed from its file, [`crate::onnx::read_model`]) with its graph cut down to
+/// `keep` ([`keep_outputs`]), serialised. `None` for a model whose weights live in external
+/// files: ONNX Runtime finds those relative to the model's own path, so such a model must be
+/// loaded from its file, whole.
+pub fn pruned(mut model: ModelProto, keep: &[&str]) -> Result<Option<Pruned>, PruneError> {
     if has_external_data(&model) {
         return Ok(None);
     }
@@ -301,16 +300,17 @@ mod tests {
             std::fs::write(&path, model.write_to_bytes().unwrap()).unwrap();
         };
         write(&model());
-        let pruned = read_pruned(&path, &["early"]).unwrap().unwrap();
-        assert_eq!(pruned.graph_outputs, ["map", "early", "late", "copy"]);
-        let cut = ModelProto::parse_from_bytes(&pruned.bytes).unwrap();
+        let read = || crate::onnx::read_model(&path).unwrap();
+        let kept = pruned(read(), &["early"]).unwrap().unwrap();
+        assert_eq!(kept.graph_outputs, ["map", "early", "late", "copy"]);
+        let cut = ModelProto::parse_from_bytes(&kept.bytes).unwrap();
         assert_eq!(cut.graph.node.len(), 3);
 
         let mut external = model();
         external.graph.as_mut().unwrap().initializer[0].data_location =
             DataLocation::EXTERNAL.into();
         write(&external);
-        assert!(read_pruned(&path, &["early"]).unwrap().is_none());
+        assert!(pruned(read(), &["early"]).unwrap().is_none());
     }
 
     #[test]
