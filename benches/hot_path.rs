@@ -18,7 +18,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use csg_bundle::{BundleMeta, InputSpec};
 use csgd::batch::{Batcher, Limits, Runner};
-use csgd::detect::{Detector, Sample, ScoreKind, reduce_map};
+use csgd::detect::{Detector, ScoreKind, reduce_map};
 use csgd::metrics::Metrics;
 use csgd::preprocess;
 use ndarray::{Array2, ArrayView4};
@@ -102,9 +102,10 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-/// Synthetic outputs as the detector receives them: logits, then each stage's GAP (and the
-/// spatial statistics of its feature map, where the detector reads them).
-fn sample_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<f32>>) {
+/// Synthetic outputs as the detector receives them, in [`Detector::sample`]'s order: logits,
+/// then each stage's GAP (or the spatial statistics of its feature map, where the detector
+/// reads them), then a real image's pixel histogram where the calibration reads one.
+fn sample_rows(meta: &BundleMeta, detector: &Detector) -> Vec<Vec<f32>> {
     let (logits, fetched) = fetched_outputs(meta, detector);
     let mut arrays: Vec<Array2<f32>> = fetched
         .into_iter()
@@ -113,8 +114,16 @@ fn sample_outputs(meta: &BundleMeta, detector: &Detector) -> (Vec<f32>, Vec<Vec<
     detector
         .reduce_maps(&mut arrays)
         .expect("maps of the model's shape");
-    let stages = arrays.iter().map(|a| a.row(0).to_vec()).collect();
-    (logits, stages)
+    let image =
+        preprocess::preprocess_image(&fashion_png(), Some("image/png"), &meta.input, u64::MAX)
+            .expect("a 28×28 PNG");
+    let image = Array2::from_shape_vec((1, image.len()), image).expect("one row");
+    let histogram = detector
+        .input_histograms(image.view())
+        .map(|h| h.expect("the model's size"));
+    std::iter::once(logits)
+        .chain(arrays.iter().chain(&histogram).map(|a| a.row(0).to_vec()))
+        .collect()
 }
 
 /// Synthetic outputs of the widths `detector` fetches from the model: logits, then each
@@ -163,12 +172,9 @@ fn scoring(c: &mut Criterion) {
         ScoreKind::Msp,
     ] {
         let detector = Detector::new(&meta, kind).expect("the shipped bundle's detector");
-        let (logits, stages) = sample_outputs(&meta, &detector);
+        let rows = sample_rows(&meta, &detector);
         // Every component must be computed, or the benchmark times a shortcut.
-        let verdict = detector.judge(&Sample {
-            logits: &logits,
-            stages: stages.iter().map(Vec::as_slice).collect(),
-        });
+        let verdict = detector.judge(&detector.sample(&rows).expect("the detector's layout"));
         assert!(
             verdict.components.iter().all(|c| c.score.is_finite()),
             "{:?}",
@@ -176,36 +182,53 @@ fn scoring(c: &mut Criterion) {
         );
         group.bench_function(kind.name(), |b| {
             b.iter(|| {
-                detector.judge(&Sample {
-                    logits: black_box(&logits),
-                    stages: stages.iter().map(Vec::as_slice).collect(),
-                })
+                let sample = detector
+                    .sample(black_box(&rows))
+                    .expect("the detector's layout");
+                detector.judge(&sample)
             })
         });
     }
 
-    // Reducing a batch of 16 feature maps to their statistics, as the inference thread does
-    // on ONNX Runtime's output before the verdicts (per image).
+    // Reducing a batch of 16 stage-2 feature maps to their statistics, as the inference
+    // thread does on ONNX Runtime's output before the verdicts (per image) for a detector
+    // calibrated with `--stages 2` (the shipped one reads no map).
     let detector = Detector::new(&meta, ScoreKind::Combined).expect("detector");
-    let (_, fetched) = fetched_outputs(&meta, &detector);
-    let (map, channels) = fetched
+    let stage = meta
+        .outputs
+        .stages
         .iter()
-        .zip(detector.map_channels())
-        .find_map(|(row, c)| Some((row, (*c)?)))
-        .expect("the shipped detector reads a feature map");
+        .find(|s| s.map.is_some())
+        .expect("the shipped model exports a stage map");
+    let side = |input: usize| meta.architecture.stage_sizes(input)[stage.stage];
+    let (channels, plane) = (
+        stage.channels,
+        side(meta.input.height) * side(meta.input.width),
+    );
+    let map: Vec<f32> = (0..channels * plane)
+        .map(|i| ((i as f32) * 0.11).cos().max(0.0))
+        .collect();
     let rows: Vec<f32> = (0..16).flat_map(|_| map.iter().copied()).collect();
     let batch = Array2::from_shape_vec((16, map.len()), rows).expect("16 rows");
     group.throughput(Throughput::Elements(16));
     group.bench_function("reduce_maps", |b| {
         b.iter(|| reduce_map(black_box(batch.view()), channels).expect("maps"))
     });
+    // The pixel histograms of a batch of 16 inputs, also computed on the inference thread.
+    let image =
+        preprocess::preprocess_image(&fashion_png(), Some("image/png"), &meta.input, u64::MAX)
+            .expect("a 28×28 PNG");
+    let images: Vec<f32> = (0..16).flat_map(|_| image.iter().copied()).collect();
+    let images = Array2::from_shape_vec((16, image.len()), images).expect("16 rows");
+    if detector.pixel_histogram().is_some() {
+        group.bench_function("pixel_histograms", |b| {
+            b.iter(|| detector.input_histograms(black_box(images.view())))
+        });
+    }
     group.finish();
 
-    let (logits, stages) = sample_outputs(&meta, &detector);
-    let verdict = detector.judge(&Sample {
-        logits: &logits,
-        stages: stages.iter().map(Vec::as_slice).collect(),
-    });
+    let rows = sample_rows(&meta, &detector);
+    let verdict = detector.judge(&detector.sample(&rows).expect("the detector's layout"));
     let mut group = c.benchmark_group("json");
     group.throughput(Throughput::Elements(1));
     group.bench_function("detect_verdict", |b| {

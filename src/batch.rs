@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array2, ArrayView4};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::detect::{Detector, reduce_map};
+use crate::detect::{Detector, PixelHistogram, reduce_map};
 use crate::metrics::Metrics;
 use crate::runtime::{Model, RuntimeError, flatten};
 
@@ -36,6 +36,9 @@ pub struct ModelRunner {
     /// Per output: the channels of a feature map to hand on as its spatial statistics
     /// ([`reduce_map`]), reduced here while ONNX Runtime's output is still in cache.
     maps: Vec<Option<usize>>,
+    /// Where the detector reads the input's pixel histogram: computed here from the batch
+    /// in hand and handed on after the outputs ([`Detector::sample`]'s layout).
+    histogram: Option<PixelHistogram>,
 }
 
 impl ModelRunner {
@@ -50,6 +53,7 @@ impl ModelRunner {
             model,
             outputs,
             maps,
+            histogram: detector.pixel_histogram().cloned(),
         }
     }
 
@@ -67,7 +71,8 @@ impl Runner for ModelRunner {
     fn run(&mut self, input: ArrayView4<f32>) -> Result<Vec<Array2<f32>>, String> {
         let names: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
         let maps = &self.maps;
-        self.model
+        let mut outputs = self
+            .model
             .run_with(input, &names, |i, view| {
                 let flat = flatten(view, names[i])?;
                 match maps.get(i).copied().flatten() {
@@ -78,7 +83,17 @@ impl Runner for ModelRunner {
                     None => Ok(flat.into_owned()),
                 }
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(histogram) = &self.histogram {
+            let (n, len) = (input.dim().0, input.len() / input.dim().0.max(1));
+            let standard = input.as_standard_layout();
+            let images = standard
+                .view()
+                .into_shape_with_order((n, len))
+                .map_err(|e| e.to_string())?;
+            outputs.push(histogram.of_batch(images).map_err(|e| e.to_string())?);
+        }
+        Ok(outputs)
     }
 }
 

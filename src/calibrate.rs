@@ -59,10 +59,12 @@ pub enum CalibrateError {
 #[derive(Debug, Clone)]
 pub struct CalibrateOptions {
     pub data: CleanData,
-    /// 1-based stages to use besides the gated (last) one; `None` = the model's second stage.
+    /// 1-based stages to use besides the gated (last) one; `None` = none.
     pub stages: Option<Vec<usize>>,
     /// Describe those stages by their spatial statistics too, where the model exports them.
     pub spatial: bool,
+    /// Bins of the input's pixel histogram to fit statistics of (0: none).
+    pub input_bins: usize,
     pub fit: FitOptions,
     pub batch_size: usize,
 }
@@ -195,7 +197,7 @@ pub fn stage_outputs(
             .map(|s| s.saturating_sub(1))
             .filter(|&s| s != last)
             .collect(),
-        None => meta.architecture.default_detector_stages(),
+        None => Vec::new(),
     };
     let mut out = Vec::new();
     for stage in wanted {
@@ -239,14 +241,33 @@ fn run_model(
     images: &CleanImages,
     indices: &[usize],
     stages: &[StageRead],
+    input_bins: usize,
     batch_size: usize,
 ) -> Result<CleanOutputs, CalibrateError> {
     let names = fetched_outputs(model.meta(), stages);
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut outputs = CleanOutputs {
         labels: indices.iter().map(|&i| images.labels[i]).collect(),
+        bins: input_bins,
         ..CleanOutputs::for_stages(stages)
     };
+    let spec = &model.meta().input;
+    for &i in indices.iter().filter(|_| input_bins > 0) {
+        let image = images.tensor.index_axis(ndarray::Axis(0), i);
+        let mut histogram = vec![0.0; input_bins];
+        let image = image.as_standard_layout();
+        match image.as_slice() {
+            Some(image) if csg_bundle::score::pixel_histogram_into(image, spec, &mut histogram) => {
+                outputs.histograms.extend(histogram);
+            }
+            _ => {
+                return Err(CalibrateError::Invalid(format!(
+                    "image {i} is not the model's {} input values",
+                    spec.len()
+                )));
+            }
+        }
+    }
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = images.tensor.select(ndarray::Axis(0), chunk);
         let results = model.run(batch.view(), &name_refs)?;
@@ -273,13 +294,24 @@ pub fn calibrate(
     options: &CalibrateOptions,
 ) -> Result<Calibration, CalibrateError> {
     let meta = model.meta().clone();
+    if options.input_bins > csg_bundle::score::MAX_HISTOGRAM_BINS {
+        return Err(CalibrateError::Invalid(format!(
+            "the input histogram takes at most {} bins, not {}",
+            csg_bundle::score::MAX_HISTOGRAM_BINS,
+            options.input_bins
+        )));
+    }
     let stages = stage_outputs(&meta, options.stages.as_deref(), options.spatial)?;
     let images = load_images(&meta, &options.data)?;
     // Alternate images between the two halves: both see every class in proportion.
     let fit_idx: Vec<usize> = (0..images.labels.len()).step_by(2).collect();
     let table_idx: Vec<usize> = (1..images.labels.len()).step_by(2).collect();
-    let fit_set = run_model(model, &images, &fit_idx, &stages, options.batch_size)?;
-    let table_set = run_model(model, &images, &table_idx, &stages, options.batch_size)?;
+    let run = |model: &mut Model, indices: &[usize]| {
+        let bins = options.input_bins;
+        run_model(model, &images, indices, &stages, bins, options.batch_size)
+    };
+    let fit_set = run(model, &fit_idx)?;
+    let table_set = run(model, &table_idx)?;
     let calibration = fit::fit(&meta, &fit_set, &table_set, &options.fit)?;
     let mut meta = meta;
     meta.calibration = Some(calibration.clone());

@@ -67,14 +67,21 @@ struct CalibrateArgs {
     /// Also set thresholds per predicted class where a class has ≥ 10/FPR table images.
     #[arg(long)]
     per_class: bool,
-    /// 1-based stages read besides the gated (last) one [default: stage 2 when the network
-    /// has three or more].
+    /// 1-based stages read besides the gated (last) one [default: none]. `--stages 2` adds
+    /// stage 2 (through its spatial statistics), the detector's earlier default: it helps
+    /// against FGSM without the input histogram (`--input-bins 0`), not with it.
     #[arg(long, value_delimiter = ',')]
     stages: Option<Vec<usize>>,
     /// Describe those stages by their GAP only, not also by their spatial statistics (each
     /// channel's std and share of positions above zero, when the model exports them).
     #[arg(long)]
     no_spatial: bool,
+    /// Bins of the input's pixel histogram (share of pixel values per equal bin of the value
+    /// range, before normalisation), scored as a Mahalanobis distance to the predicted
+    /// class's clean histogram; 0 leaves the input out. Catches L∞ noise that fills a flat
+    /// background (FGSM); not CSG evidence (README, Detection).
+    #[arg(long, default_value_t = 32)]
+    input_bins: usize,
     /// How the combined score merges its components' p-values.
     #[arg(long, value_enum, default_value_t = CombinerArg::HarmonicMean)]
     combiner: CombinerArg,
@@ -209,6 +216,7 @@ fn calibrate(args: &CalibrateArgs) -> Result<()> {
         data: csgd::calibrate::CleanData::parse(&args.data),
         stages: args.stages.clone(),
         spatial: !args.no_spatial,
+        input_bins: args.input_bins,
         fit: csgd::detect::fit::FitOptions {
             combiner: match args.combiner {
                 CombinerArg::HarmonicMean => csg_bundle::calibration::Combiner::HarmonicMean,

@@ -15,7 +15,7 @@ use ndarray::Array4;
 
 use crate::batch::{Batcher, Limits, ModelRunner, Runner};
 use crate::config::{ModelEntry, Settings};
-use crate::detect::{DetectError, Detector, Sample};
+use crate::detect::{DetectError, Detector};
 use crate::explain::{ExplainError, ExplainSession, Explainer};
 use crate::metrics::{Metrics, VerdictMetrics};
 use crate::runtime::{self, Model, RuntimeError};
@@ -259,13 +259,7 @@ fn warm_up(runner: &mut ModelRunner, meta: &BundleMeta, detector: &Detector) -> 
         }
     }
     let rows: Vec<Vec<f32>> = result.iter().map(|a| a.row(0).to_vec()).collect();
-    let Some((logits, stages)) = rows.split_first() else {
-        return Err("no outputs".into());
-    };
-    let verdict = detector.judge(&Sample {
-        logits,
-        stages: stages.iter().map(Vec::as_slice).collect(),
-    });
+    let verdict = detector.judge(&detector.sample(&rows).map_err(|e| e.to_string())?);
     tracing::debug!(
         class = verdict.class_id,
         score = verdict.score,

@@ -34,15 +34,20 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     let cal = meta.calibration.expect("calibrated");
     assert_eq!(cal.fpr, 0.1);
     assert_eq!((cal.fit_images, cal.table_images), (2500, 2500));
-    assert_eq!(cal.stages.len(), 2, "stage 2 and the gated stage");
-    // By default stage 2 is described by its spatial statistics too, and the p-values are
-    // combined by their harmonic mean; the gated stage stays GAP-only.
+    // By default the gated stage's GAP alone, with the margin and the input histogram, the
+    // p-values combined by their harmonic mean.
     use csg_bundle::calibration::{Combiner, StageFeatures};
-    assert_eq!(cal.stages[0].features, StageFeatures::MeanStdOccupancy);
-    assert_eq!(cal.stages[0].map_output.as_deref(), Some("stage2_map"));
-    assert_eq!(cal.stages[0].means[0].len(), 3 * cal.stages[0].channels);
-    assert_eq!(cal.stages[1].features, StageFeatures::Mean);
+    assert_eq!(cal.stages.len(), 1, "the gated stage");
+    assert_eq!(cal.stages[0].features, StageFeatures::Mean);
+    assert_eq!(cal.stages[0].output, "activations");
     assert_eq!(cal.combiner, Combiner::HarmonicMean);
+    // The input's 32-bin pixel histogram is fitted and combined too, with a clean table.
+    use csg_bundle::calibration::INPUT_HISTOGRAM;
+    let input = cal.input.as_ref().expect("input statistics");
+    assert_eq!((input.bins, input.means.len()), (32, 10));
+    assert_eq!(input.precision.len(), 32 * 32);
+    assert!(cal.combined_components.iter().any(|c| c == INPUT_HISTOGRAM));
+    assert_eq!(cal.tables[INPUT_HISTOGRAM].len(), 2500);
     assert!(cal.thresholds["combined"].is_finite());
     let per_class = &cal.class_thresholds["combined"];
     assert_eq!(per_class.len(), 10);
@@ -75,13 +80,36 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     let accuracy = results[0]["clean_accuracy"].as_f64().unwrap();
     assert!(accuracy >= common::min_accuracy(), "accuracy {accuracy}");
 
-    // The earlier design stays available: GAP only, smallest p-value.
+    // Stage 2 on request, described by its map's spatial statistics; the gated stage stays
+    // GAP-only.
+    let (ok, text) = csgd(&["calibrate", model_arg, "--stages", "2"]);
+    assert!(ok, "{text}");
+    let cal = csg_bundle::onnx::read_meta(&model)
+        .unwrap()
+        .calibration
+        .expect("calibrated");
+    assert_eq!(cal.stages.len(), 2, "stage 2 and the gated stage");
+    assert_eq!(cal.stages[0].features, StageFeatures::MeanStdOccupancy);
+    assert_eq!(cal.stages[0].map_output.as_deref(), Some("stage2_map"));
+    assert_eq!(cal.stages[0].means[0].len(), 3 * cal.stages[0].channels);
+    assert_eq!(cal.stages[1].features, StageFeatures::Mean);
+    assert!(
+        cal.combined_components
+            .iter()
+            .any(|c| c == "stage2_mahalanobis")
+    );
+
+    // The earliest design stays available: stage 2's GAP, smallest p-value, no histogram.
     let (ok, text) = csgd(&[
         "calibrate",
         model_arg,
+        "--stages",
+        "2",
         "--no-spatial",
         "--combiner",
         "min-p",
+        "--input-bins",
+        "0",
     ]);
     assert!(ok, "{text}");
     let cal = csg_bundle::onnx::read_meta(&model)
@@ -91,6 +119,10 @@ fn calibration_is_written_and_holds_its_false_positive_rate_on_test_images() {
     assert_eq!(cal.stages[0].features, StageFeatures::Mean);
     assert_eq!(cal.stages[0].map_output, None);
     assert_eq!(cal.combiner, Combiner::MinP);
+    assert!(cal.input.is_none());
+    assert!(!cal.combined_components.iter().any(|c| c == INPUT_HISTOGRAM));
+    let (ok, text) = csgd(&["calibrate", model_arg, "--input-bins", "300"]);
+    assert!(!ok && text.contains("at most 256 bins"), "{text}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use csgd::batch::{ModelRunner, Runner};
 use csgd::config::RuntimeConfig;
-use csgd::detect::{Detector, Sample, ScoreKind};
+use csgd::detect::{Detector, ScoreKind};
 use csgd::runtime::Model;
 use ndarray::{Array2, ArrayView4};
 use serde::Serialize;
@@ -94,19 +94,11 @@ pub fn run(
     }
     let input = ArrayView4::from_shape((batch, spec.channels, spec.height, spec.width), &data)?;
 
+    // Each image's rows as the daemon hands them to the verdict (`batch::Output`).
     let judge_all = |outputs: &[Array2<f32>]| -> Result<()> {
-        let (logits, stages) = outputs.split_first().context("no outputs")?;
         for i in 0..batch {
-            let rows: Vec<_> = stages.iter().map(|s| s.row(i)).collect();
-            let stages = rows
-                .iter()
-                .map(|r| r.to_slice().context("a non-contiguous row"))
-                .collect::<Result<Vec<_>>>()?;
-            let logits = logits.row(i);
-            let sample = Sample {
-                logits: logits.to_slice().context("a non-contiguous row")?,
-                stages,
-            };
+            let rows: Vec<Vec<f32>> = outputs.iter().map(|o| o.row(i).to_vec()).collect();
+            let sample = detector.sample(&rows)?;
             std::hint::black_box(detector.judge(&sample));
         }
         Ok(())

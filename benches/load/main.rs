@@ -255,7 +255,12 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
     let stages = csgd::calibrate::stage_outputs(&meta, None, true)?;
     let names = csgd::calibrate::fetched_outputs(&meta, &stages);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let empty = || CleanOutputs::for_stages(&stages);
+    // The default calibration's input histogram too (`csgd calibrate --input-bins`).
+    const BINS: usize = 32;
+    let empty = || CleanOutputs {
+        bins: BINS,
+        ..CleanOutputs::for_stages(&stages)
+    };
     let mut sets = [empty(), empty()];
     for start in (0..images).step_by(16) {
         let n = 16.min(images - start);
@@ -284,6 +289,11 @@ fn stand_in_calibration(model: &Path, ort_library: &Path, images: usize) -> Resu
             row.swap(top, label);
             set.labels.push(label);
             set.logits.extend(row);
+            let image = &data[k * spec.len()..(k + 1) * spec.len()];
+            set.histograms.extend(
+                csg_bundle::score::pixel_histogram(image, spec, BINS)
+                    .context("an image of the model's input size")?,
+            );
             for (stage, values) in set.stages.iter_mut().zip(stage_values) {
                 let row = values.row(k);
                 let row = row.as_slice().context("model output is not contiguous")?;

@@ -70,6 +70,19 @@ pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError>
             ));
         }
     }
+    if let Some(input) = &cal.input {
+        let d = input.bins;
+        if !(1..=csg_bundle::score::MAX_HISTOGRAM_BINS).contains(&d)
+            || input.means.len() != classes
+            || input.means.iter().any(|m| m.len() != d)
+            || input.std.len() != d
+            || input.precision.len() != d * d
+        {
+            return bad(format!(
+                "the input histogram's statistics ({d} bins) have the wrong shape"
+            ));
+        }
+    }
     match cal.stages.last() {
         None => return bad("no stage statistics".into()),
         // The detector reads the gated activations (gate mismatch, top filters) there.
@@ -121,7 +134,7 @@ pub fn threshold(cal: &Calibration, kind: ScoreKind, class: usize) -> Option<f64
 mod tests {
     use std::path::Path;
 
-    use csg_bundle::calibration::Combiner;
+    use csg_bundle::calibration::{Combiner, INPUT_HISTOGRAM};
 
     use super::*;
     use crate::detect::{Detector, Sample, ScoreKind};
@@ -131,9 +144,44 @@ mod tests {
         csg_bundle::onnx::read_meta(&path).expect("the shipped model's metadata")
     }
 
+    /// The shipped bundle as `csgd calibrate --stages 2` writes it: a stage-2 component read
+    /// through the map's spatial statistics before the gated stage (constructed statistics:
+    /// class means of distinct values, an identity precision, a table of clean scores).
+    fn with_stage_two(mut meta: BundleMeta) -> BundleMeta {
+        let output = meta.outputs.stages.iter().find(|s| s.stage == 1).cloned();
+        let output = output.expect("the shipped model exports stage 2");
+        let c = output.channels;
+        let d = 3 * c;
+        let stats = csg_bundle::calibration::StageStats {
+            output: output.name.clone(),
+            map_output: output.map.clone(),
+            stage: 1,
+            channels: c,
+            features: StageFeatures::MeanStdOccupancy,
+            means: (0..meta.classes.len())
+                .map(|class| (0..d).map(|k| (class * d + k) as f32 * 1e-3).collect())
+                .collect(),
+            std: vec![1.0; d],
+            metric: StageMetric::Full {
+                precision: (0..d * d)
+                    .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
+                    .collect(),
+            },
+        };
+        let cal = meta.calibration.as_mut().expect("calibrated");
+        let name = stats.component_name();
+        cal.tables.insert(
+            name.clone(),
+            (0..100).map(|i| f64::from(i) / 50.0).collect(),
+        );
+        cal.combined_components.push(name);
+        cal.stages.insert(0, stats);
+        meta
+    }
+
     #[test]
-    fn the_shipped_detector_reads_stage_two_with_its_map_statistics() {
-        let meta = shipped();
+    fn a_detector_reads_stage_two_with_its_map_statistics() {
+        let meta = with_stage_two(shipped());
         let cal = meta.calibration.clone().expect("calibrated");
         assert_eq!(cal.combiner, Combiner::HarmonicMean);
         let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
@@ -172,6 +220,7 @@ mod tests {
         let sample = Sample {
             logits: &logits,
             stages: vec![&reduced, &gated],
+            input: None,
         };
         // The dense definition, from the stored precision; the detector uses its factor.
         let StageMetric::Full { precision } = &stage2.metric else {
@@ -191,6 +240,7 @@ mod tests {
             let short = Sample {
                 logits: &logits,
                 stages,
+                input: None,
             };
             let raw = detector.raw_scores(&short);
             assert!(
@@ -205,14 +255,68 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_detector_scores_the_input_s_pixel_histogram() {
+        let meta = shipped();
+        let cal = meta.calibration.clone().expect("calibrated");
+        let stats = cal
+            .input
+            .clone()
+            .expect("the shipped calibration reads the input");
+        assert!(cal.combined_components.iter().any(|c| c == INPUT_HISTOGRAM));
+        let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
+        assert_eq!(
+            detector.pixel_histogram().map(|h| h.bins()),
+            Some(stats.bins)
+        );
+        // A black image with a faint (0.1) pixel every fourth position, as FGSM's noise on a
+        // background; normalised as the daemon's preprocessing does.
+        let spec = &meta.input;
+        let pixels: Vec<f32> = (0..spec.len())
+            .map(|i| if i % 4 == 0 { 0.1 } else { 0.0 })
+            .collect();
+        let image: Vec<f32> = pixels
+            .iter()
+            .map(|p| (p - spec.mean[0]) / spec.std[0])
+            .collect();
+        let batch = ndarray::Array2::from_shape_vec((1, image.len()), image).unwrap();
+        let histogram = detector.input_histograms(batch.view()).unwrap().unwrap();
+        let histogram = histogram.row(0).to_vec();
+        // A quarter of the pixels in 0.1's bin, the rest in the first.
+        let faint = (0.1 * stats.bins as f32) as usize;
+        assert_eq!((histogram[0], histogram[faint]), (0.75, 0.25));
+        let mut logits = vec![0.0f32; 10];
+        logits[3] = 5.0;
+        // The shipped detector reads the gated stage's GAP alone, then the histogram.
+        assert_eq!(detector.stage_outputs(), ["activations"]);
+        let gated = cal.stages[0].means[3].clone();
+        let rows = vec![logits.clone(), gated, histogram.clone()];
+        let sample = detector.sample(&rows).unwrap();
+        let raw = detector.raw_scores(&sample);
+        let got = raw.iter().find(|(n, _)| n == INPUT_HISTOGRAM).unwrap().1;
+        let want =
+            csg_bundle::score::log_mahalanobis(&histogram, &stats.means[3], &stats.precision, None);
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        // Far from a clean image of the class: in the clean table's top 1 %, where the class
+        // mean itself is at distance 0.
+        let p = p_value(&cal, INPUT_HISTOGRAM, got).unwrap();
+        assert!(p < 0.01, "p {p}");
+        let clean_rows = vec![rows[0].clone(), rows[1].clone(), stats.means[3].clone()];
+        let clean = detector.raw_scores(&detector.sample(&clean_rows).unwrap());
+        let at_mean = clean.iter().find(|(n, _)| n == INPUT_HISTOGRAM).unwrap().1;
+        assert!(at_mean < got - 5.0, "{at_mean} vs {got}");
+        // Rows that do not follow the detector's layout are refused.
+        assert!(detector.sample(&rows[..2]).is_err());
+        // An image of the wrong size gives no histogram.
+        let short = ndarray::Array2::<f32>::zeros((1, 10));
+        assert!(detector.input_histograms(short.view()).unwrap().is_err());
+    }
+
+    #[test]
     fn a_verdict_lists_the_five_gated_filters_furthest_from_their_clean_means() {
         let meta = shipped();
         let detector = Detector::new(&meta, ScoreKind::Combined).unwrap();
         let gate = detector.gate().unwrap().clone();
         let stats = detector.gated_stats().unwrap().clone();
-        let stage2 = &meta.calibration.as_ref().unwrap().stages[0];
-        let gap = vec![0.5f32; stage2.channels];
-        let spatial = vec![0.5f32; 2 * stage2.channels];
         for class in [0, 3, 9] {
             let mut logits = vec![0.0f32; 10];
             logits[class] = 4.0;
@@ -225,7 +329,8 @@ mod tests {
             for acts in [scattered, at_mean] {
                 let sample = Sample {
                     logits: &logits,
-                    stages: vec![&gap, &spatial, &acts],
+                    stages: vec![&acts],
+                    input: None,
                 };
                 let verdict = detector.judge(&sample);
                 let all = crate::detect::gated_deviations(&gate, &acts, Some(&stats), class);
@@ -241,7 +346,7 @@ mod tests {
 
     #[test]
     fn validation_refuses_spatial_features_the_model_cannot_produce() {
-        let meta = shipped();
+        let meta = with_stage_two(shipped());
         let cal = meta.calibration.clone().expect("calibrated");
         assert!(validate(&cal, &meta).is_ok());
 
@@ -254,6 +359,13 @@ mod tests {
         let last = gated.stages.len() - 1;
         gated.stages[last].features = StageFeatures::MeanStdOccupancy;
         assert!(validate(&gated, &meta).is_err());
+
+        let mut bins = cal.clone();
+        if let Some(input) = &mut bins.input {
+            input.precision.pop();
+        }
+        let err = validate(&bins, &meta).unwrap_err().to_string();
+        assert!(err.contains("input histogram"), "{err}");
 
         let mut future = cal.clone();
         future.version = CALIBRATION_VERSION + 1;

@@ -10,8 +10,8 @@ use csg_bundle::{BundleMeta, Gate};
 use nalgebra::DMatrix;
 
 use csg_bundle::calibration::{
-    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, StageFeatures, StageMetric,
-    StageStats,
+    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, INPUT_HISTOGRAM, InputStats,
+    StageFeatures, StageMetric, StageStats,
 };
 
 use super::{DetectError, Detector, ScoreKind, calibration, scores};
@@ -25,6 +25,10 @@ pub struct CleanOutputs {
     /// Per stage read by the detector, in [`Detector::stage_outputs`] order: its GAP, or its
     /// map's statistics where they are used; the gated stage last.
     pub stages: Vec<StageData>,
+    /// Each image's pixel histogram ([`csg_bundle::score::pixel_histogram`]), [N, bins]
+    /// row-major, where the calibration fits the input's statistics (`bins` > 0).
+    pub histograms: Vec<f32>,
+    pub bins: usize,
 }
 
 /// A stage calibration reads.
@@ -66,6 +70,11 @@ pub struct StageData {
 }
 
 impl StageData {
+    /// What the rows describe, for messages: "stage 2".
+    fn name(&self) -> String {
+        format!("stage {}", self.stage + 1)
+    }
+
     fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.channels..(i + 1) * self.channels]
     }
@@ -100,6 +109,8 @@ impl CleanOutputs {
         Self {
             labels: Vec::new(),
             logits: Vec::new(),
+            histograms: Vec::new(),
+            bins: 0,
             stages: reads
                 .iter()
                 .map(|read| StageData {
@@ -129,6 +140,13 @@ impl CleanOutputs {
                 )));
             }
         }
+        if self.bins > 0 && self.histograms.len() != n * self.bins {
+            return Err(DetectError::Calibration(format!(
+                "{} pixel-histogram values for {n} images of {} bins",
+                self.histograms.len(),
+                self.bins
+            )));
+        }
         Ok(())
     }
 
@@ -142,6 +160,10 @@ impl CleanOutputs {
 
     fn classes(&self) -> usize {
         self.logits.len() / self.len().max(1)
+    }
+
+    fn histogram(&self, i: usize) -> Option<&[f32]> {
+        (self.bins > 0).then(|| &self.histograms[i * self.bins..(i + 1) * self.bins])
     }
 
     fn predicted(&self, i: usize) -> usize {
@@ -254,14 +276,14 @@ pub fn fit(
                             (0..d).filter(|&k| gate.get(k, c) >= GATED).collect();
                         let sub = cov.select_rows(&filters).select_columns(&filters);
                         Ok(GatedPrecision {
-                            precision: invert(sub, data.stage)?,
+                            precision: invert(sub, &data.name())?,
                             filters,
                         })
                     })
                     .collect::<Result<_, DetectError>>()?,
             },
             _ => StageMetric::Full {
-                precision: invert(cov, data.stage)?,
+                precision: invert(cov, &data.name())?,
             },
         };
         stages.push(StageStats {
@@ -276,6 +298,32 @@ pub fn fit(
         });
     }
 
+    let input = match fit_set.bins {
+        0 => None,
+        bins => {
+            let data = StageData {
+                output: "the input's pixel histogram".into(),
+                channels: bins,
+                values: fit_set.histograms.clone(),
+                ..StageData::default()
+            };
+            let (means, cov) =
+                class_means_and_covariance(&data, &fit_set.labels, &correct, classes);
+            let cov = shrink(cov, options.shrinkage);
+            Some(InputStats {
+                bins,
+                means,
+                std: (0..bins).map(|k| cov[(k, k)].sqrt() as f32).collect(),
+                precision: invert(cov, "the input's pixel histogram")?,
+            })
+        }
+    };
+    if table_set.bins != fit_set.bins {
+        return bad(format!(
+            "pixel histograms of {} bins to fit, of {} for the tables",
+            fit_set.bins, table_set.bins
+        ));
+    }
     let mut calibration = Calibration {
         version: CALIBRATION_VERSION,
         fpr: options.fpr,
@@ -287,7 +335,9 @@ pub fn fit(
             .iter()
             .map(StageStats::component_name)
             .chain(["margin".to_string()])
+            .chain(input.as_ref().map(|_| INPUT_HISTOGRAM.to_string()))
             .collect(),
+        input,
         combiner: options.combiner,
         stages,
         tables: BTreeMap::new(),
@@ -303,6 +353,7 @@ pub fn fit(
         Some(calibration.clone()),
         ScoreKind::Combined,
         Vec::new(),
+        &meta.input,
     );
     let c = table_set.classes();
     let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())
@@ -313,7 +364,12 @@ pub fn fit(
                 .map(|data| Some(data.row(i)))
                 .collect();
             let gated = table_set.stages.last().map(|data| data.row(i));
-            detector.scores_of(&table_set.logits[i * c..(i + 1) * c], &rows, gated)
+            detector.scores_of(
+                &table_set.logits[i * c..(i + 1) * c],
+                &rows,
+                gated,
+                table_set.histogram(i),
+            )
         })
         .collect();
     let mut tables: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -394,7 +450,7 @@ pub fn tied_gaussian(
     shrinkage: f64,
 ) -> Result<(Vec<Vec<f32>>, Vec<f32>), DetectError> {
     let (means, cov) = class_means_and_covariance(data, labels, correct, classes);
-    Ok((means, invert(shrink(cov, shrinkage), data.stage)?))
+    Ok((means, invert(shrink(cov, shrinkage), &data.name())?))
 }
 
 /// Per-class means over correctly classified images and the pooled within-class covariance.
@@ -455,7 +511,8 @@ fn shrink(cov: DMatrix<f64>, alpha: f64) -> DMatrix<f64> {
     cov * (1.0 - alpha) + DMatrix::identity(d, d) * (alpha * scale)
 }
 
-fn invert(cov: DMatrix<f64>, stage: usize) -> Result<Vec<f32>, DetectError> {
+/// The inverse of `what`'s (shrunk) covariance, row-major.
+fn invert(cov: DMatrix<f64>, what: &str) -> Result<Vec<f32>, DetectError> {
     let d = cov.nrows();
     if d == 0 {
         return Ok(Vec::new());
@@ -464,8 +521,7 @@ fn invert(cov: DMatrix<f64>, stage: usize) -> Result<Vec<f32>, DetectError> {
         .cholesky()
         .ok_or_else(|| {
             DetectError::Calibration(format!(
-                "covariance of stage {} is not positive definite even after shrinkage",
-                stage + 1
+                "covariance of {what} is not positive definite even after shrinkage"
             ))
         })?
         .inverse();
@@ -531,7 +587,7 @@ mod tests {
             (shrunk[(0, 0)] - 2.5).abs() < 1e-12,
             "a 1×1 matrix is its own trace/d"
         );
-        let inv = invert(shrunk, 0).unwrap();
+        let inv = invert(shrunk, "a test matrix").unwrap();
         assert!((inv[0] - 0.4).abs() < 1e-6);
     }
 
@@ -575,6 +631,7 @@ mod tests {
             labels: vec![0, 1],
             logits: vec![1.0, 0.0, 0.0, 1.0],
             stages: vec![stage.clone()],
+            ..CleanOutputs::default()
         };
         let options = FitOptions {
             empirical_share: 0.34,

@@ -9,13 +9,13 @@ pub mod calibration;
 pub mod fit;
 pub mod scores;
 
-use csg_bundle::{BundleMeta, Gate};
+use csg_bundle::{BundleMeta, Gate, InputSpec};
 use serde::{Deserialize, Serialize};
 
 use ndarray::{Array2, ArrayView2};
 
 pub use csg_bundle::calibration::{Calibration, StageStats};
-use csg_bundle::calibration::{GATED, StageFeatures};
+use csg_bundle::calibration::{GATED, INPUT_HISTOGRAM, StageFeatures};
 use csg_bundle::mahalanobis::StageScorer;
 
 /// Which score decides the verdict.
@@ -84,6 +84,42 @@ pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>,
     Ok(out)
 }
 
+/// Turns model inputs into the pixel histograms ([`csg_bundle::score::pixel_histogram`]) a
+/// calibration with input statistics reads.
+#[derive(Debug, Clone)]
+pub struct PixelHistogram {
+    /// How the inputs were normalised (undone before binning).
+    spec: InputSpec,
+    bins: usize,
+}
+
+impl PixelHistogram {
+    pub fn bins(&self) -> usize {
+        self.bins
+    }
+
+    /// Each image's histogram of a batch of model inputs `[N, C·H·W]`, `[N, bins]`, as
+    /// [`Sample::input`] holds it; refused where an image is not the model's input size.
+    pub fn of_batch(&self, images: ArrayView2<f32>) -> Result<Array2<f32>, DetectError> {
+        let mut out = Array2::zeros((images.nrows(), self.bins));
+        for (image, mut row) in images.rows().into_iter().zip(out.rows_mut()) {
+            let image = image.as_standard_layout();
+            let done = match (image.as_slice(), row.as_slice_mut()) {
+                (Some(image), Some(row)) => scores::pixel_histogram_into(image, &self.spec, row),
+                _ => false,
+            };
+            if !done {
+                return Err(DetectError::Output(format!(
+                    "an input of {} values is not the model's {}",
+                    images.ncols(),
+                    self.spec.len()
+                )));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// One image's model outputs, as the detector needs them.
 pub struct Sample<'a> {
     pub logits: &'a [f32],
@@ -91,6 +127,9 @@ pub struct Sample<'a> {
     /// activations or, where the stage is calibrated with spatial statistics, those
     /// statistics of its feature map ([`Detector::reduce_maps`]), not the map itself.
     pub stages: Vec<&'a [f32]>,
+    /// The input image's pixel histogram ([`Detector::input_histograms`]), where the
+    /// calibration reads one.
+    pub input: Option<&'a [f32]>,
 }
 
 /// One piece of evidence.
@@ -149,6 +188,8 @@ pub struct Detector {
     map_channels: Vec<Option<usize>>,
     /// The gate's column of each class, taken out once rather than per verdict.
     gate_columns: Vec<Vec<f32>>,
+    /// The input's pixel histogram and its distance, where the calibration scores them.
+    input: Option<(PixelHistogram, StageScorer)>,
 }
 
 impl Detector {
@@ -176,6 +217,7 @@ impl Detector {
             calibration,
             score,
             stage_outputs,
+            &meta.input,
         ))
     }
 
@@ -186,7 +228,18 @@ impl Detector {
         calibration: Option<Calibration>,
         score: ScoreKind,
         stage_outputs: Vec<String>,
+        input_spec: &InputSpec,
     ) -> Self {
+        let input = calibration
+            .as_ref()
+            .and_then(|c| c.input.as_ref())
+            .map(|stats| {
+                let histogram = PixelHistogram {
+                    spec: input_spec.clone(),
+                    bins: stats.bins,
+                };
+                (histogram, StageScorer::input(stats))
+            });
         let stages = calibration.iter().flat_map(|c| &c.stages);
         let scorers = stages.clone().map(StageScorer::new).collect();
         let map_channels = stage_outputs
@@ -214,6 +267,7 @@ impl Detector {
             scorers,
             map_channels,
             gate_columns,
+            input,
         }
     }
 
@@ -250,6 +304,42 @@ impl Detector {
         Ok(())
     }
 
+    /// The pixel histogram the calibration reads, if it reads one.
+    pub fn pixel_histogram(&self) -> Option<&PixelHistogram> {
+        self.input.as_ref().map(|(h, _)| h)
+    }
+
+    /// [`PixelHistogram::of_batch`] where the calibration reads the input's histogram.
+    pub fn input_histograms(
+        &self,
+        images: ArrayView2<f32>,
+    ) -> Option<Result<Array2<f32>, DetectError>> {
+        self.pixel_histogram().map(|h| h.of_batch(images))
+    }
+
+    /// One image's sample from its rows in the order an inference session hands them on:
+    /// [`Self::fetched_outputs`], then the pixel histogram where [`Self::input_bins`] says
+    /// the calibration reads one.
+    pub fn sample<'a>(&self, rows: &'a [Vec<f32>]) -> Result<Sample<'a>, DetectError> {
+        let stages = self.stage_outputs.len();
+        let extra = usize::from(self.input.is_some());
+        if rows.len() != 1 + stages + extra {
+            return Err(DetectError::Output(format!(
+                "{} outputs per image, the detector reads {}",
+                rows.len(),
+                1 + stages + extra
+            )));
+        }
+        Ok(Sample {
+            logits: &rows[0],
+            stages: rows[1..=stages].iter().map(Vec::as_slice).collect(),
+            input: rows
+                .get(1 + stages)
+                .filter(|_| extra == 1)
+                .map(Vec::as_slice),
+        })
+    }
+
     pub fn is_calibrated(&self) -> bool {
         self.calibration.is_some()
     }
@@ -278,7 +368,12 @@ impl Detector {
     /// Every raw score of one sample, keyed by component name (for calibration and eval).
     pub fn raw_scores(&self, sample: &Sample<'_>) -> Vec<(String, f64)> {
         let features = self.stage_features(sample);
-        self.scores_of(sample.logits, &features, sample.stages.last().copied())
+        self.scores_of(
+            sample.logits,
+            &features,
+            sample.stages.last().copied(),
+            sample.input,
+        )
     }
 
     /// Each calibrated stage's feature vector of one sample: its GAP, or its map's
@@ -299,12 +394,14 @@ impl Detector {
     }
 
     /// Every raw score from computed stage features ([`Self::stage_features`], or the
-    /// calibration's own rows) and the gated stage's activations.
+    /// calibration's own rows), the gated stage's activations and the input's pixel
+    /// histogram.
     pub(crate) fn scores_of(
         &self,
         logits: &[f32],
         features: &[Option<&[f32]>],
         gated: Option<&[f32]>,
+        input: Option<&[f32]>,
     ) -> Vec<(String, f64)> {
         let (class, _) = scores::top_class(logits);
         let mut out = Vec::new();
@@ -313,6 +410,10 @@ impl Detector {
                 let score = features.map_or(f64::NAN, |f| scorer.score(f, class));
                 out.push((stats.component_name(), score));
             }
+        }
+        if let Some((_, scorer)) = &self.input {
+            let score = input.map_or(f64::NAN, |h| scorer.score(h, class));
+            out.push((INPUT_HISTOGRAM.to_owned(), score));
         }
         out.push(("margin".into(), scores::margin_score(logits)));
         out.push(("msp".into(), scores::msp_score(logits)));

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibrate::{self, CalibrateError};
 use crate::detect::fit::quantile_threshold;
-use crate::detect::{Detector, Sample, ScoreKind, calibration};
+use crate::detect::{DetectError, Detector, ScoreKind, calibration};
 use crate::preprocess;
 use crate::runtime::{Model, RuntimeError};
 
@@ -164,15 +164,19 @@ fn score_images(
         let batch = tensor.select(ndarray::Axis(0), chunk);
         let mut outputs = model.run(batch.view(), &refs)?;
         detector.reduce_maps(&mut outputs[1..])?;
+        let flat = batch
+            .view()
+            .into_shape_with_order((chunk.len(), tensor.len() / n.max(1)))
+            .map_err(|e| EvalError::Detect(DetectError::Output(e.to_string())))?;
+        if let Some(histograms) = detector.input_histograms(flat) {
+            outputs.push(histograms?);
+        }
         for row in 0..chunk.len() {
             let logits = outputs[0].row(row);
-            let stages: Vec<Vec<f32>> = outputs[1..].iter().map(|o| o.row(row).to_vec()).collect();
-            let logits = logits.to_vec();
-            let sample = Sample {
-                logits: &logits,
-                stages: stages.iter().map(Vec::as_slice).collect(),
-            };
-            let verdict = detector.judge(&sample);
+            let rows: Vec<Vec<f32>> = std::iter::once(logits.to_vec())
+                .chain(outputs[1..].iter().map(|o| o.row(row).to_vec()))
+                .collect();
+            let verdict = detector.judge(&detector.sample(&rows)?);
             predicted.push(verdict.class_id);
             for kind in ScoreKind::ALL {
                 let score = calibration::verdict_score(cal, kind, &verdict.components);

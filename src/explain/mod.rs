@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use csg_bundle::calibration::GATED;
 use csg_bundle::{BundleMeta, InputSpec};
-use ndarray::{Array1, Array2, ArrayD, ArrayView4, Axis};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, ArrayView4, Axis};
 use serde::Serialize;
 
 use crate::detect::{Detector, FilterDeviation, Sample, Verdict, gated_deviations};
@@ -185,13 +185,15 @@ impl Explainer {
             })?;
         let names: Vec<&str> = self.outputs.iter().map(String::as_str).collect();
         let arrays = model.run_any(view, &names)?;
-        self.explain(&arrays, 0, top)
+        self.explain(&arrays, input, 0, top)
     }
 
-    /// Explains image `i` of a batch whose outputs are [`Explainer::outputs`], in that order.
+    /// Explains image `i` of a batch whose outputs are [`Explainer::outputs`], in that order;
+    /// `image` is that image's normalised input.
     pub fn explain(
         &self,
         arrays: &[ArrayD<f32>],
+        image: &[f32],
         i: usize,
         top: usize,
     ) -> Result<Explanation, ExplainError> {
@@ -219,9 +221,16 @@ impl Explainer {
         let Some((logits, stages)) = rows.split_first() else {
             return Err(ExplainError::Output("no logits".into()));
         };
+        let image = ArrayView2::from_shape((1, image.len()), image)
+            .map_err(|e| ExplainError::Output(e.to_string()))?;
+        let histogram = match self.detector.input_histograms(image) {
+            Some(h) => Some(h.map_err(|e| ExplainError::Output(e.to_string()))?),
+            None => None,
+        };
         let sample = Sample {
             logits,
             stages: stages.to_vec(),
+            input: histogram.as_ref().and_then(|h| h.as_slice()),
         };
         let verdict = self.detector.judge(&sample);
         let class = verdict.class_id;

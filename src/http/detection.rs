@@ -16,7 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::input::too_many_images;
 use super::{ApiError, AppState, ModelLabel};
 use crate::batch::Output;
-use crate::detect::{Sample, Verdict};
+use crate::detect::Verdict;
 use crate::registry::ServedModel;
 
 /// The model a request names (or the default), once the daemon is ready and not draining.
@@ -164,13 +164,11 @@ pub(crate) fn verdict(
     model: &ServedModel,
     out: &Output,
 ) -> Result<Verdict, ApiError> {
-    let Some((logits, stages)) = out.outputs.split_first() else {
-        return Err(ApiError::internal("inference returned no outputs"));
-    };
-    let verdict = model.detector.judge(&Sample {
-        logits,
-        stages: stages.iter().map(Vec::as_slice).collect(),
-    });
+    let sample = model
+        .detector
+        .sample(&out.outputs)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let verdict = model.detector.judge(&sample);
     model.verdict_metrics.record(
         &state.metrics,
         verdict.class_id,

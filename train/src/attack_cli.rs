@@ -74,15 +74,18 @@ pub struct AttackArgs {
     /// L∞ budget (FGSM, PGD, adaptive), [0, 1] scale.
     #[arg(long, default_value_t = PgdParams::default().epsilon)]
     eps: f32,
-    /// PGD / adaptive step size.
-    #[arg(long, default_value_t = PgdParams::default().step_size)]
-    step_size: f32,
-    /// PGD / adaptive steps.
-    #[arg(long, default_value_t = PgdParams::default().steps)]
-    steps: usize,
-    /// PGD / adaptive: start at the image instead of a random point of the ball.
+    /// PGD / adaptive step size [default: 0.01 for PGD, 0.005 for adaptive].
     #[arg(long)]
+    step_size: Option<f32>,
+    /// PGD / adaptive steps [default: 40 for PGD, 200 for adaptive].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// PGD: start at the image instead of a random point of the ball.
+    #[arg(long, conflicts_with = "random_start")]
     no_random_start: bool,
+    /// Adaptive: start at a random point of the ball instead of the image.
+    #[arg(long)]
+    random_start: bool,
 
     /// CW: initial constant c.
     #[arg(long, default_value_t = CwParams::default().initial_c)]
@@ -135,11 +138,15 @@ pub struct AttackArgs {
 
 impl AttackArgs {
     fn config(&self) -> AttackConfig {
+        let base = match self.attack {
+            AttackKind::Adaptive => AdaptiveParams::default().pgd,
+            _ => PgdParams::default(),
+        };
         let pgd = PgdParams {
             epsilon: self.eps,
-            step_size: self.step_size,
-            steps: self.steps,
-            random_start: !self.no_random_start,
+            step_size: self.step_size.unwrap_or(base.step_size),
+            steps: self.steps.unwrap_or(base.steps),
+            random_start: (base.random_start || self.random_start) && !self.no_random_start,
         };
         match self.attack {
             AttackKind::Fgsm => AttackConfig::Fgsm(FgsmParams { epsilon: self.eps }),
@@ -212,6 +219,7 @@ pub fn run(args: AttackArgs) -> Result<()> {
                 &calibration,
                 info.classes.len(),
                 &info.architecture.stage_channels(),
+                &meta.input,
             )?)
         }
         _ => None,

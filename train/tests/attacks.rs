@@ -12,8 +12,8 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use common::{MEAN, STD, tiny_config, train_images};
 use csg_bundle::calibration::{
-    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, StageFeatures, StageMetric,
-    StageStats,
+    CALIBRATION_VERSION, Calibration, Combiner, GATED, GatedPrecision, INPUT_HISTOGRAM, InputStats,
+    StageFeatures, StageMetric, StageStats,
 };
 use csg_train::attacks::adaptive::AdaptiveParams;
 use csg_train::attacks::detector::DetectorSurrogate;
@@ -73,6 +73,25 @@ fn pixels(data: &Dataset, indices: &[usize]) -> Vec<f32> {
         .flat_map(|&i| data.image(i).iter().copied())
         .collect();
     attacks::to_unit(&bytes)
+}
+
+/// Bins of the test calibration's pixel histogram.
+const BINS: usize = 32;
+
+/// The daemon's pixel histogram of each image of unit `pixels`.
+fn histograms(pixels: &[f32]) -> Vec<Vec<f32>> {
+    let spec = fashion_input(MEAN, STD);
+    pixels
+        .chunks(784)
+        .map(|image| {
+            let normalised: Vec<f32> = image.iter().map(|v| (v - MEAN) / STD).collect();
+            csg_bundle::score::pixel_histogram(&normalised, &spec, BINS).expect("28×28")
+        })
+        .collect()
+}
+
+fn surrogate(cal: &Calibration) -> DetectorSurrogate {
+    DetectorSurrogate::new(cal, 10, &[8, 16, 32], &fashion_input(MEAN, STD)).expect("surrogate")
 }
 
 fn labels(data: &Dataset, indices: &[usize]) -> Vec<usize> {
@@ -399,11 +418,19 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
             .into_iter()
             .map(attacks::rows)
             .collect();
-        (attacks::rows(out.logits), stages, labels(train, &idx))
+        let x = pixels(train, &idx);
+        (attacks::rows(out.logits), stages, labels(train, &idx), x)
     };
-    let (_, fit_stages, fit_labels) = forward(0..1000);
+    let (_, mut fit_stages, fit_labels, fit_pixels) = forward(0..1000);
+    // The input's pixel histogram is fitted as a full-metric pseudo-stage (index 3).
+    fit_stages.push(histograms(&fit_pixels));
     let mut stages = Vec::new();
-    for (stage, acts) in [(0usize, &fit_stages[0]), (2, &fit_stages[2])] {
+    let mut input = None;
+    for (stage, acts) in [
+        (0usize, &fit_stages[0]),
+        (2, &fit_stages[2]),
+        (3, &fit_stages[3]),
+    ] {
         let d = acts[0].len();
         let mut means = vec![vec![0.0f32; d]; 10];
         let mut counts = [0usize; 10];
@@ -450,6 +477,18 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
                 precision: diag(&(0..d).collect::<Vec<_>>()),
             }
         };
+        if stage == 3 {
+            let StageMetric::Full { precision } = metric else {
+                unreachable!("the histogram has a full metric")
+            };
+            input = Some(InputStats {
+                bins: d,
+                means,
+                std: var.iter().map(|v| v.sqrt()).collect(),
+                precision,
+            });
+            continue;
+        }
         stages.push(StageStats {
             output: format!("stage{}", stage + 1),
             map_output: None,
@@ -471,10 +510,11 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
         combined_components: stages
             .iter()
             .map(StageStats::component_name)
-            .chain(["margin".to_string()])
+            .chain(["margin".to_string(), INPUT_HISTOGRAM.to_string()])
             .collect(),
         combiner: Combiner::HarmonicMean,
         stages,
+        input,
         tables: BTreeMap::new(),
         combined_table: Vec::new(),
         thresholds: BTreeMap::from([("combined".to_string(), f64::INFINITY)]),
@@ -482,10 +522,24 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
     };
     // Clean tables, via the surrogate's exact scorer with one table entry per component: fill
     // each table from the raw component scores of the table images.
-    let (logits, table_stages, _) = forward(1000..2000);
+    let (logits, table_stages, _, table_pixels) = forward(1000..2000);
+    let table_histograms = histograms(&table_pixels);
     let mut tables: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for i in 0..logits.len() {
         let class = attacks::argmax(&logits[i]);
+        if let Some(stats) = &cal.input {
+            let all: Vec<usize> = (0..BINS).collect();
+            let score = quad(
+                &table_histograms[i],
+                &stats.means[class],
+                &stats.precision,
+                &all,
+            );
+            tables
+                .entry(INPUT_HISTOGRAM.into())
+                .or_default()
+                .push(score);
+        }
         for s in &cal.stages {
             let a = &table_stages[s.stage][i];
             let score = match &s.metric {
@@ -513,11 +567,12 @@ fn calibration(model: &Network, train: &Dataset) -> Calibration {
     tables.values_mut().for_each(|t| t.sort_by(f64::total_cmp));
     cal.tables = tables;
     // Combined scores of the table images, then the 95 % quantile as the threshold.
-    let provisional = DetectorSurrogate::new(&cal, 10, &[8, 16, 32]).expect("surrogate");
+    let provisional = surrogate(&cal);
     let mut combined: Vec<f64> = (0..logits.len())
         .map(|i| {
             let acts: Vec<&[f32]> = table_stages.iter().map(|s| s[i].as_slice()).collect();
-            provisional.judge(&logits[i], &acts).score
+            let image = &table_pixels[i * 784..(i + 1) * 784];
+            provisional.judge(&logits[i], &acts, image).score
         })
         .collect();
     combined.sort_by(f64::total_cmp);
@@ -543,7 +598,7 @@ fn quad(a: &[f32], mean: &[f32], p: &[f32], filters: &[usize]) -> f64 {
 fn adaptive_attack_evades_the_detector_more_than_pgd() {
     let f = fixture();
     let cal = calibration(&f.model, &f.train);
-    let detector = DetectorSurrogate::new(&cal, 10, &[8, 16, 32]).expect("surrogate");
+    let detector = surrogate(&cal);
     let victim = victim_of(&f.model);
     let x = pixels(&f.test, &f.indices);
     let y = labels(&f.test, &f.indices);
@@ -558,7 +613,7 @@ fn adaptive_attack_evades_the_detector_more_than_pgd() {
             .iter()
             .fold(0.0f32, |m, n| m.max(n.1));
         assert!(worst <= 0.1 + 1e-6, "L∞ {worst}");
-        let judged = detector.judge_forward(victim.forward(victim.tensor(&q)));
+        let judged = detector.judge_forward(victim.forward(victim.tensor(&q)), &q);
         let fooled = judged
             .iter()
             .zip(&y)

@@ -125,9 +125,12 @@ impl Stem {
 }
 
 impl Architecture {
-    /// 0-based earlier stages the detector reads by default besides the gated one: the
-    /// second, in a network of three or more stages (REFERENCE §3: an early stage's
-    /// statistics add what the gated stage misses; more stages did not help).
+    /// 0-based earlier stages whose GAP and feature map the exporter writes by default: the
+    /// second, in a network of three or more stages, for a detector that reads an early
+    /// stage (`csgd calibrate --stages 2`; REFERENCE §3: an early stage's statistics add what
+    /// the gated stage misses, more stages did not help). The default detector reads none
+    /// since the input's pixel histogram does that job better (README, Detection); a
+    /// serving session cuts the unread outputs away, so exporting them costs nothing.
     pub fn default_detector_stages(&self) -> Vec<usize> {
         if self.stage_channels().len() >= 3 {
             vec![1]

@@ -12,8 +12,13 @@ use crate::Gate;
 pub const GATED: f32 = 0.5;
 
 /// Version of this section's layout. Version 2 added per-stage [`StageFeatures`] and the
-/// [`Combiner`]; a build that only knew version 1 would misread both, so it must refuse.
-pub const CALIBRATION_VERSION: u32 = 2;
+/// [`Combiner`]; version 3 the input's pixel histogram ([`InputStats`]). A build that only
+/// knew an older version would misread the newer one (it would combine a component it
+/// cannot compute), so it must refuse.
+pub const CALIBRATION_VERSION: u32 = 3;
+
+/// Component name of the input's pixel-histogram distance ([`InputStats`]).
+pub const INPUT_HISTOGRAM: &str = "input_histogram";
 
 /// Oldest layout this build still reads: a version-1 section is a version-2 one with GAP
 /// features everywhere and the smallest-p combination.
@@ -37,6 +42,9 @@ pub struct Calibration {
     pub stages: Vec<StageStats>,
     /// Sorted clean scores of every component, by component name.
     pub tables: BTreeMap<String, Vec<f64>>,
+    /// Statistics of the input image's pixel histogram, where the calibration fitted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputStats>,
     /// Components the combined score combines the p-values of.
     pub combined_components: Vec<String>,
     /// How it combines them.
@@ -91,6 +99,25 @@ impl StageFeatures {
     }
 }
 
+/// Clean statistics of the input image's pixel histogram: the share of its values (every
+/// channel pooled, before normalisation) in each of `bins` equal bins over the input's value
+/// range ([`crate::score::pixel_histogram`]), scored like a full-metric stage, as the
+/// Mahalanobis distance to the predicted class's clean mean.
+///
+/// Not CSG evidence: it catches L∞ attacks that spread faint noise over every pixel, which
+/// on images with flat backgrounds (Fashion-MNIST's exact zeros) fills bins that clean images
+/// of the class leave empty. An attacker who knows it keeps the background clean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputStats {
+    pub bins: usize,
+    /// Class means [C][bins], over correctly classified clean images.
+    pub means: Vec<Vec<f32>>,
+    /// Per-bin pooled within-class std, [bins].
+    pub std: Vec<f32>,
+    /// The pooled, shrunk within-class covariance's inverse, bins × bins, row-major.
+    pub precision: Vec<f32>,
+}
+
 /// Clean statistics of one stage's per-image features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {
@@ -141,6 +168,7 @@ impl Default for Calibration {
             table_images: 0,
             empirical_gate: None,
             stages: Vec::new(),
+            input: None,
             tables: BTreeMap::new(),
             combined_components: Vec::new(),
             combiner: Combiner::default(),

@@ -10,7 +10,7 @@
 use multiversion::multiversion;
 use nalgebra::DMatrix;
 
-use crate::calibration::{StageMetric, StageStats};
+use crate::calibration::{InputStats, StageMetric, StageStats};
 use crate::score::{dense_quadratic, log_distance};
 
 /// vᵀPv for one precision matrix P.
@@ -138,9 +138,7 @@ impl StageScorer {
     /// Factors the stage's precision matrices (once per model load).
     pub fn new(stats: &StageStats) -> Self {
         let prepared = match &stats.metric {
-            StageMetric::Full { precision } => {
-                Prepared::Full(Quadratic::new(precision, stats.dim()))
-            }
+            StageMetric::Full { precision } => return Self::full(&stats.means, precision),
             StageMetric::Gated { classes } => Prepared::Gated(
                 classes
                     .iter()
@@ -157,6 +155,20 @@ impl StageScorer {
             means: stats.means.clone(),
             prepared,
         }
+    }
+
+    /// One shared `d`×`d` precision over features of the class means' length `d`.
+    pub fn full(means: &[Vec<f32>], precision: &[f32]) -> Self {
+        let dim = means.first().map_or(0, Vec::len);
+        Self {
+            means: means.to_vec(),
+            prepared: Prepared::Full(Quadratic::new(precision, dim)),
+        }
+    }
+
+    /// The distance of the input's pixel histogram.
+    pub fn input(stats: &InputStats) -> Self {
+        Self::full(&stats.means, &stats.precision)
     }
 
     /// ln Mahalanobis distance of `acts` to class `class`'s clean mean: infinite for a class

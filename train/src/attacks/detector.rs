@@ -16,11 +16,19 @@
 //! of positions above zero. The share is a step function; the surrogate uses
 //! mean(tanh(x / [`OCCUPANCY_TEMPERATURE`])) over positions instead, which has a gradient
 //! wherever the ReLU passes one.
+//!
+//! The input's pixel histogram (where the calibration scores it) counts each pixel in one
+//! bin, also a step function; the surrogate spreads each pixel over the two nearest bins by a
+//! triangular kernel on bin centres ([`soft_histogram`]), so moving a pixel towards an
+//! emptier bin has a gradient.
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{softmax, softplus};
-use csg_bundle::calibration::{Calibration, Combiner, StageFeatures, StageMetric, StageStats};
+use csg_bundle::InputSpec;
+use csg_bundle::calibration::{
+    Calibration, Combiner, INPUT_HISTOGRAM, StageFeatures, StageMetric, StageStats,
+};
 use csg_bundle::mahalanobis::StageScorer;
 use csg_bundle::score;
 use serde::{Deserialize, Serialize};
@@ -44,6 +52,12 @@ enum Kind {
         scorer: Box<StageScorer>,
         padded: Vec<f32>,
     },
+    /// The input's pixel-histogram distance: a full metric, `padded` as for a stage.
+    Input {
+        means: Vec<Vec<f32>>,
+        scorer: Box<StageScorer>,
+        padded: Vec<f32>,
+    },
     Margin,
     Msp,
 }
@@ -63,6 +77,8 @@ pub struct DetectorSurrogate {
     combiner: Combiner,
     thresholds: Vec<f64>,
     classes: usize,
+    /// How the model's input is normalised and its value range, for the pixel histogram.
+    input: InputSpec,
 }
 
 /// The exact detector's view of one image.
@@ -89,12 +105,13 @@ pub fn cutoff(table: &[f64], threshold: f64) -> f64 {
 }
 
 impl DetectorSurrogate {
-    /// Reads the combined score of `cal` for a model with `classes` classes and stages of
-    /// `stage_channels` channels.
+    /// Reads the combined score of `cal` for a model with `classes` classes, stages of
+    /// `stage_channels` channels and input `input`.
     pub fn new(
         cal: &Calibration,
         classes: usize,
         stage_channels: &[usize],
+        input: &InputSpec,
     ) -> Result<Self, AttackError> {
         let bad = |why: String| AttackError::Calibration(why);
         let global = cal.thresholds.get("combined").copied();
@@ -118,6 +135,24 @@ impl DetectorSurrogate {
             let kind = match name.as_str() {
                 "margin" => Kind::Margin,
                 "msp" => Kind::Msp,
+                INPUT_HISTOGRAM => {
+                    let stats = cal
+                        .input
+                        .as_ref()
+                        .ok_or_else(|| bad(format!("{name} has no input statistics")))?;
+                    let d = stats.bins;
+                    if stats.means.len() != classes
+                        || stats.means.iter().any(|m| m.len() != d)
+                        || stats.precision.len() != d * d
+                    {
+                        return Err(bad(format!("{name}: statistics have the wrong shape")));
+                    }
+                    Kind::Input {
+                        means: stats.means.clone(),
+                        scorer: Box::new(StageScorer::input(stats)),
+                        padded: stats.precision.repeat(classes),
+                    }
+                }
                 _ => {
                     let s = cal
                         .stages
@@ -175,6 +210,7 @@ impl DetectorSurrogate {
             combiner: cal.combiner,
             thresholds,
             classes,
+            input: input.clone(),
         })
     }
 
@@ -190,9 +226,10 @@ impl DetectorSurrogate {
             .collect()
     }
 
-    /// The exact detector on one image's logits and per-stage features: each stage's GAP,
-    /// followed by its spatial statistics where the calibration reads them.
-    pub fn judge(&self, logits: &[f32], stages: &[&[f32]]) -> Judgement {
+    /// The exact detector on one image's logits, per-stage features (each stage's GAP, or its
+    /// spatial statistics where the calibration reads them) and its pixels in the input's
+    /// value range (unnormalised), as the daemon judges the 8-bit image.
+    pub fn judge(&self, logits: &[f32], stages: &[&[f32]], pixels: &[f32]) -> Judgement {
         let class = argmax(logits);
         let p_values: Vec<f64> = self
             .components
@@ -205,6 +242,9 @@ impl DetectorSurrogate {
                         .get(stats.stage)
                         .filter(|features| features.len() == stats.dim())
                         .map_or(f64::INFINITY, |features| scorer.score(features, class)),
+                    Kind::Input { means, scorer, .. } => self
+                        .pixel_histogram(pixels, means.first().map_or(0, Vec::len))
+                        .map_or(f64::INFINITY, |h| scorer.score(&h, class)),
                 };
                 score::p_value(&comp.table, raw)
             })
@@ -217,6 +257,19 @@ impl DetectorSurrogate {
             threshold,
             flagged: combined > threshold,
         }
+    }
+
+    /// The daemon's histogram of one image's pixels: normalised as the daemon's preprocessing
+    /// does, then binned by [`score::pixel_histogram`] (which undoes the normalisation).
+    fn pixel_histogram(&self, pixels: &[f32], bins: usize) -> Option<Vec<f32>> {
+        let spec = &self.input;
+        let plane = spec.height * spec.width;
+        let normalised: Vec<f32> = pixels
+            .chunks(plane.max(1))
+            .zip(spec.mean.iter().zip(&spec.std))
+            .flat_map(|(channel, (m, s))| channel.iter().map(move |v| (v - m) / s))
+            .collect();
+        score::pixel_histogram(&normalised, spec, bins)
     }
 
     /// Stages whose calibration reads spatial statistics.
@@ -232,8 +285,9 @@ impl DetectorSurrogate {
             .collect()
     }
 
-    /// Judges every image of a (plain) forward pass.
-    pub fn judge_forward(&self, out: Forward) -> Vec<Judgement> {
+    /// Judges every image of a (plain) forward pass of `pixels` (`[N, C·H·W]` row-major,
+    /// unnormalised).
+    pub fn judge_forward(&self, out: Forward, pixels: &[f32]) -> Vec<Judgement> {
         let logits = rows(out.logits);
         let spatial = self.spatial_stages();
         let mut stages: Vec<Vec<Vec<f32>>> = out.stage_activations.into_iter().map(rows).collect();
@@ -250,17 +304,21 @@ impl DetectorSurrogate {
                 stages[s][i] = score::spatial_features(image, c).unwrap_or_default();
             }
         }
+        let per = pixels.len() / logits.len().max(1);
         (0..logits.len())
             .map(|i| {
                 let acts: Vec<&[f32]> = stages.iter().map(|s| s[i].as_slice()).collect();
-                self.judge(&logits[i], &acts)
+                let image = pixels.get(i * per..(i + 1) * per).unwrap_or_default();
+                self.judge(&logits[i], &acts, image)
             })
             .collect()
     }
 
-    /// Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ) per image, `[N, 1]`, differentiable.
+    /// Σ_k τ·softplus((s_k − q_k(ĉ) + δ)/τ) per image, `[N, 1]`, differentiable; `pixels`
+    /// is the forward pass's input, unnormalised.
     pub(crate) fn surrogate(
         &self,
+        pixels: &Tensor<4>,
         out: &Forward,
         towards: &[usize],
         temperature: f32,
@@ -292,21 +350,13 @@ impl DetectorSurrogate {
                         }
                         (StageFeatures::MeanStdOccupancy, None) => continue,
                     };
-                    let means = &stats.means;
-                    let d = means.first().map_or(0, Vec::len);
-                    let flat: Vec<f32> = means.iter().flatten().copied().collect();
-                    let mu =
-                        Tensor::<2>::from_data(TensorData::new(flat, [self.classes, d]), &device)
-                            .select(0, index.clone());
-                    let p = Tensor::<3>::from_data(
-                        TensorData::new(padded.clone(), [self.classes, d, d]),
-                        &device,
-                    )
-                    .select(0, index.clone());
-                    let diff = acts.clone() - mu;
-                    let quad = (diff.clone().reshape([n, 1, d]).matmul(p).reshape([n, d]) * diff)
-                        .sum_dim(1);
-                    (quad.clamp_min(0.0) + 1e-12).log() * 0.5
+                    self.log_distance(acts, &stats.means, padded, &index)
+                }
+                Kind::Input { means, padded, .. } => {
+                    let bins = means.first().map_or(0, Vec::len);
+                    let [lo, hi] = self.input.value_range;
+                    let histogram = soft_histogram(pixels.clone(), bins, lo, hi);
+                    self.log_distance(histogram, means, padded, &index)
                 }
                 Kind::Margin => {
                     let gap = out_margin(out, towards);
@@ -324,6 +374,50 @@ impl DetectorSurrogate {
         }
         total
     }
+}
+
+impl DetectorSurrogate {
+    /// ln of the Mahalanobis distance of each row of `features` (`[N, d]`) to its class's
+    /// mean under its class's `padded` precision, `[N, 1]`, differentiable.
+    fn log_distance(
+        &self,
+        features: Tensor<2>,
+        means: &[Vec<f32>],
+        padded: &[f32],
+        index: &Tensor<1, Int>,
+    ) -> Tensor<2> {
+        let device = features.device();
+        let [n, d] = features.dims();
+        let flat: Vec<f32> = means.iter().flatten().copied().collect();
+        let mu = Tensor::<2>::from_data(TensorData::new(flat, [self.classes, d]), &device)
+            .select(0, index.clone());
+        let p = Tensor::<3>::from_data(
+            TensorData::new(padded.to_vec(), [self.classes, d, d]),
+            &device,
+        )
+        .select(0, index.clone());
+        let diff = features - mu;
+        let quad = (diff.clone().reshape([n, 1, d]).matmul(p).reshape([n, d]) * diff).sum_dim(1);
+        (quad.clamp_min(0.0) + 1e-12).log() * 0.5
+    }
+}
+
+/// A differentiable stand-in for [`score::pixel_histogram`] of `[N, C, H, W]` pixels in
+/// [lo, hi], `[N, bins]`: each pixel adds 1 − |u − centre_b| (u its position in bin units)
+/// to the bins whose centres lie within one bin of it, so its weight is split between the two
+/// nearest bins and moves continuously. Positions are clamped to the outer centres, where the
+/// hard histogram's end bins take everything beyond.
+pub fn soft_histogram(pixels: Tensor<4>, bins: usize, lo: f32, hi: f32) -> Tensor<2> {
+    let [n, c, h, w] = pixels.dims();
+    let device = pixels.device();
+    let scale = bins as f32 / (hi - lo).max(f32::MIN_POSITIVE);
+    let u = ((pixels - lo) * scale)
+        .clamp(0.5, bins as f32 - 0.5)
+        .reshape([n, c * h * w, 1]);
+    let centres: Vec<f32> = (0..bins).map(|b| b as f32 + 0.5).collect();
+    let centres = Tensor::<3>::from_data(TensorData::new(centres, [1, 1, bins]), &device);
+    let weights = (u - centres).abs().neg().add_scalar(1.0).clamp_min(0.0);
+    weights.mean_dim(1).reshape([n, bins])
 }
 
 /// `[gap, std, smooth occupancy]` of a `[N, C, h, w]` map, `[N, 3C]`, differentiable: the
@@ -361,6 +455,37 @@ fn out_margin(out: &Forward, towards: &[usize]) -> Tensor<2> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn soft_histogram_is_the_hard_one_at_bin_centres_and_splits_between_them() {
+        let device = crate::device();
+        let spec = csg_bundle::InputSpec::grayscale(1, 4, 0.0, 1.0);
+        let bins = 4;
+        // Bin centres 0.125, 0.625 and both ends of the range (clamped onto the end centres).
+        let at_centres = [0.125f32, 0.625, 0.0, 1.0];
+        let soft = soft_histogram(
+            Tensor::<4>::from_data(TensorData::new(at_centres.to_vec(), [1, 1, 1, 4]), &device),
+            bins,
+            0.0,
+            1.0,
+        );
+        let soft: Vec<f32> = soft.into_data().iter().collect();
+        let hard = score::pixel_histogram(&at_centres, &spec, bins).unwrap();
+        for (s, h) in soft.iter().zip(&hard) {
+            assert!((s - h).abs() < 1e-6, "{soft:?} vs {hard:?}");
+        }
+        // Halfway between the first two centres: half a pixel in each.
+        let between =
+            Tensor::<4>::from_data(TensorData::new(vec![0.25f32; 4], [1, 1, 1, 4]), &device);
+        let soft: Vec<f32> = soft_histogram(between, bins, 0.0, 1.0)
+            .into_data()
+            .iter()
+            .collect();
+        assert!(
+            (soft[0] - 0.5).abs() < 1e-6 && (soft[1] - 0.5).abs() < 1e-6,
+            "{soft:?}"
+        );
+    }
 
     #[test]
     fn cutoff_is_the_last_score_that_stays_under_the_threshold() {

@@ -210,7 +210,9 @@ pub fn run(
         let before = victim.predict(&adversarial);
         let after_out = victim.forward(victim.tensor(&quantised_unit));
         let verdicts = match (&spec.attack, detector) {
-            (AttackConfig::Adaptive(_), Some(d)) => Some(d.judge_forward(after_out)),
+            (AttackConfig::Adaptive(_), Some(d)) => {
+                Some(d.judge_forward(after_out, &quantised_unit))
+            }
             _ => {
                 drop(after_out);
                 None
