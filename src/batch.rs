@@ -85,13 +85,7 @@ impl Runner for ModelRunner {
             })
             .map_err(|e| e.to_string())?;
         if let Some(histogram) = &self.histogram {
-            let (n, len) = (input.dim().0, input.len() / input.dim().0.max(1));
-            let standard = input.as_standard_layout();
-            let images = standard
-                .view()
-                .into_shape_with_order((n, len))
-                .map_err(|e| e.to_string())?;
-            outputs.push(histogram.of_batch(images).map_err(|e| e.to_string())?);
+            outputs.push(histogram.of_batch(input).map_err(|e| e.to_string())?);
         }
         Ok(outputs)
     }

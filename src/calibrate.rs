@@ -8,7 +8,7 @@ use csg_bundle::{BundleMeta, InputSpec};
 use ndarray::Array4;
 
 use crate::detect::fit::{self, CleanOutputs, FitOptions, StageRead};
-use crate::detect::{Calibration, DetectError};
+use crate::detect::{Calibration, DetectError, PixelHistogram};
 use crate::preprocess;
 use crate::runtime::{Model, RuntimeError};
 
@@ -251,25 +251,13 @@ fn run_model(
         bins: input_bins,
         ..CleanOutputs::for_stages(stages)
     };
-    let spec = &model.meta().input;
-    for &i in indices.iter().filter(|_| input_bins > 0) {
-        let image = images.tensor.index_axis(ndarray::Axis(0), i);
-        let mut histogram = vec![0.0; input_bins];
-        let image = image.as_standard_layout();
-        match image.as_slice() {
-            Some(image) if csg_bundle::score::pixel_histogram_into(image, spec, &mut histogram) => {
-                outputs.histograms.extend(histogram);
-            }
-            _ => {
-                return Err(CalibrateError::Invalid(format!(
-                    "image {i} is not the model's {} input values",
-                    spec.len()
-                )));
-            }
-        }
-    }
+    let histogram =
+        (input_bins > 0).then(|| PixelHistogram::new(model.meta().input.clone(), input_bins));
     for chunk in indices.chunks(batch_size.max(1)) {
         let batch = images.tensor.select(ndarray::Axis(0), chunk);
+        if let Some(histogram) = &histogram {
+            outputs.histograms.extend(histogram.of_batch(batch.view())?);
+        }
         let results = model.run(batch.view(), &name_refs)?;
         let mut results = results.into_iter();
         if let Some(logits) = results.next() {

@@ -70,18 +70,11 @@ pub fn validate(cal: &Calibration, meta: &BundleMeta) -> Result<(), DetectError>
             ));
         }
     }
-    if let Some(input) = &cal.input {
-        let d = input.bins;
-        if !(1..=csg_bundle::score::MAX_HISTOGRAM_BINS).contains(&d)
-            || input.means.len() != classes
-            || input.means.iter().any(|m| m.len() != d)
-            || input.std.len() != d
-            || input.precision.len() != d * d
-        {
-            return bad(format!(
-                "the input histogram's statistics ({d} bins) have the wrong shape"
-            ));
-        }
+    if let Some(input) = cal.input.as_ref().filter(|input| !input.fits(classes)) {
+        return bad(format!(
+            "the input histogram's statistics ({} bins) have the wrong shape",
+            input.bins
+        ));
     }
     match cal.stages.last() {
         None => return bad("no stage statistics".into()),

@@ -12,7 +12,7 @@ pub mod scores;
 use csg_bundle::{BundleMeta, Gate, InputSpec};
 use serde::{Deserialize, Serialize};
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView, ArrayView2, Axis, RemoveAxis};
 
 pub use csg_bundle::calibration::{Calibration, StageStats};
 use csg_bundle::calibration::{GATED, INPUT_HISTOGRAM, StageFeatures};
@@ -67,21 +67,36 @@ pub enum DetectError {
 /// maps: `[N, 3C]` (means, stds, shares). Refused when a row does not split into `channels`
 /// planes.
 pub fn reduce_map(maps: ArrayView2<f32>, channels: usize) -> Result<Array2<f32>, DetectError> {
-    let mut out = Array2::zeros((maps.nrows(), 3 * channels));
-    for (map, mut reduced) in maps.rows().into_iter().zip(out.rows_mut()) {
-        let map = map.as_standard_layout();
-        let split = match (map.as_slice(), reduced.as_slice_mut()) {
-            (Some(map), Some(reduced)) => scores::spatial_features_into(map, channels, reduced),
+    per_image(maps, 3 * channels, |map, reduced| {
+        scores::spatial_features_into(map, channels, reduced)
+    })
+    .ok_or_else(|| {
+        DetectError::Output(format!(
+            "a feature map of {} values per image does not split into {channels} channels",
+            maps.ncols()
+        ))
+    })
+}
+
+/// `[N, width]`: each item of `batch` along its first axis, flattened, written into its row
+/// by `into`. `None` where `into` refuses an item.
+fn per_image<D: RemoveAxis>(
+    batch: ArrayView<f32, D>,
+    width: usize,
+    mut into: impl FnMut(&[f32], &mut [f32]) -> bool,
+) -> Option<Array2<f32>> {
+    let mut out = Array2::zeros((batch.len_of(Axis(0)), width));
+    for (item, mut row) in batch.outer_iter().zip(out.rows_mut()) {
+        let item = item.as_standard_layout();
+        let written = match (item.as_slice(), row.as_slice_mut()) {
+            (Some(item), Some(row)) => into(item, row),
             _ => false,
         };
-        if !split {
-            return Err(DetectError::Output(format!(
-                "a feature map of {} values per image does not split into {channels} channels",
-                maps.ncols()
-            )));
+        if !written {
+            return None;
         }
     }
-    Ok(out)
+    Some(out)
 }
 
 /// Turns model inputs into the pixel histograms ([`csg_bundle::score::pixel_histogram`]) a
@@ -94,29 +109,32 @@ pub struct PixelHistogram {
 }
 
 impl PixelHistogram {
+    /// Histograms of `bins` bins of inputs normalised as `spec` says.
+    pub fn new(spec: InputSpec, bins: usize) -> Self {
+        Self { spec, bins }
+    }
+
     pub fn bins(&self) -> usize {
         self.bins
     }
 
-    /// Each image's histogram of a batch of model inputs `[N, C·H·W]`, `[N, bins]`, as
-    /// [`Sample::input`] holds it; refused where an image is not the model's input size.
-    pub fn of_batch(&self, images: ArrayView2<f32>) -> Result<Array2<f32>, DetectError> {
-        let mut out = Array2::zeros((images.nrows(), self.bins));
-        for (image, mut row) in images.rows().into_iter().zip(out.rows_mut()) {
-            let image = image.as_standard_layout();
-            let done = match (image.as_slice(), row.as_slice_mut()) {
-                (Some(image), Some(row)) => scores::pixel_histogram_into(image, &self.spec, row),
-                _ => false,
-            };
-            if !done {
-                return Err(DetectError::Output(format!(
-                    "an input of {} values is not the model's {}",
-                    images.ncols(),
-                    self.spec.len()
-                )));
-            }
-        }
-        Ok(out)
+    /// Each image's histogram of a batch of model inputs (`[N, C, H, W]`, or flattened
+    /// `[N, C·H·W]`), `[N, bins]`, as [`Sample::input`] holds it; refused where an image is
+    /// not the model's input size.
+    pub fn of_batch<D: RemoveAxis>(
+        &self,
+        images: ArrayView<f32, D>,
+    ) -> Result<Array2<f32>, DetectError> {
+        let per = images.len() / images.len_of(Axis(0)).max(1);
+        per_image(images, self.bins, |image, row| {
+            scores::pixel_histogram_into(image, &self.spec, row)
+        })
+        .ok_or_else(|| {
+            DetectError::Output(format!(
+                "an input of {per} values is not the model's {}",
+                self.spec.len()
+            ))
+        })
     }
 }
 
@@ -234,10 +252,7 @@ impl Detector {
             .as_ref()
             .and_then(|c| c.input.as_ref())
             .map(|stats| {
-                let histogram = PixelHistogram {
-                    spec: input_spec.clone(),
-                    bins: stats.bins,
-                };
+                let histogram = PixelHistogram::new(input_spec.clone(), stats.bins);
                 (histogram, StageScorer::input(stats))
             });
         let stages = calibration.iter().flat_map(|c| &c.stages);
@@ -310,16 +325,16 @@ impl Detector {
     }
 
     /// [`PixelHistogram::of_batch`] where the calibration reads the input's histogram.
-    pub fn input_histograms(
+    pub fn input_histograms<D: RemoveAxis>(
         &self,
-        images: ArrayView2<f32>,
+        images: ArrayView<f32, D>,
     ) -> Option<Result<Array2<f32>, DetectError>> {
         self.pixel_histogram().map(|h| h.of_batch(images))
     }
 
     /// One image's sample from its rows in the order an inference session hands them on:
-    /// [`Self::fetched_outputs`], then the pixel histogram where [`Self::input_bins`] says
-    /// the calibration reads one.
+    /// [`Self::fetched_outputs`], then the pixel histogram where the calibration reads one
+    /// ([`Self::pixel_histogram`]).
     pub fn sample<'a>(&self, rows: &'a [Vec<f32>]) -> Result<Sample<'a>, DetectError> {
         let stages = self.stage_outputs.len();
         let extra = usize::from(self.input.is_some());
@@ -333,10 +348,7 @@ impl Detector {
         Ok(Sample {
             logits: &rows[0],
             stages: rows[1..=stages].iter().map(Vec::as_slice).collect(),
-            input: rows
-                .get(1 + stages)
-                .filter(|_| extra == 1)
-                .map(Vec::as_slice),
+            input: rows.get(1 + stages).map(Vec::as_slice),
         })
     }
 

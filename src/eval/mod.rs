@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibrate::{self, CalibrateError};
 use crate::detect::fit::quantile_threshold;
-use crate::detect::{DetectError, Detector, ScoreKind, calibration};
+use crate::detect::{Detector, ScoreKind, calibration};
 use crate::preprocess;
 use crate::runtime::{Model, RuntimeError};
 
@@ -164,18 +164,11 @@ fn score_images(
         let batch = tensor.select(ndarray::Axis(0), chunk);
         let mut outputs = model.run(batch.view(), &refs)?;
         detector.reduce_maps(&mut outputs[1..])?;
-        let flat = batch
-            .view()
-            .into_shape_with_order((chunk.len(), tensor.len() / n.max(1)))
-            .map_err(|e| EvalError::Detect(DetectError::Output(e.to_string())))?;
-        if let Some(histograms) = detector.input_histograms(flat) {
+        if let Some(histograms) = detector.input_histograms(batch.view()) {
             outputs.push(histograms?);
         }
         for row in 0..chunk.len() {
-            let logits = outputs[0].row(row);
-            let rows: Vec<Vec<f32>> = std::iter::once(logits.to_vec())
-                .chain(outputs[1..].iter().map(|o| o.row(row).to_vec()))
-                .collect();
+            let rows: Vec<Vec<f32>> = outputs.iter().map(|o| o.row(row).to_vec()).collect();
             let verdict = detector.judge(&detector.sample(&rows)?);
             predicted.push(verdict.class_id);
             for kind in ScoreKind::ALL {

@@ -118,6 +118,20 @@ pub struct InputStats {
     pub precision: Vec<f32>,
 }
 
+impl InputStats {
+    /// Whether the statistics have the shapes a model of `classes` classes needs: 1 to
+    /// [`crate::score::MAX_HISTOGRAM_BINS`] bins, a mean per class and a std of that many
+    /// values, a bins × bins precision.
+    pub fn fits(&self, classes: usize) -> bool {
+        let d = self.bins;
+        (1..=crate::score::MAX_HISTOGRAM_BINS).contains(&d)
+            && self.means.len() == classes
+            && self.means.iter().all(|m| m.len() == d)
+            && self.std.len() == d
+            && self.precision.len() == d * d
+    }
+}
+
 /// Clean statistics of one stage's per-image features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageStats {

@@ -140,11 +140,7 @@ impl DetectorSurrogate {
                         .input
                         .as_ref()
                         .ok_or_else(|| bad(format!("{name} has no input statistics")))?;
-                    let d = stats.bins;
-                    if stats.means.len() != classes
-                        || stats.means.iter().any(|m| m.len() != d)
-                        || stats.precision.len() != d * d
-                    {
+                    if !stats.fits(classes) {
                         return Err(bad(format!("{name}: statistics have the wrong shape")));
                     }
                     Kind::Input {
