@@ -96,7 +96,7 @@ pub fn p_value(cal: &Calibration, component: &str, score: f64) -> Option<f64> {
 
 /// The verdict score of `kind` from computed components.
 pub fn verdict_score(cal: &Calibration, kind: ScoreKind, components: &[Component]) -> f64 {
-    let find = |name: &str| components.iter().find(|c| c.name == name);
+    let find = |name: &str| components.iter().find(|c| &*c.name == name);
     match kind {
         ScoreKind::Combined => {
             let ps: Vec<f64> = cal
@@ -334,6 +334,79 @@ mod tests {
                 );
                 assert_eq!(verdict.top_filters, all[..5], "class {class}");
             }
+        }
+    }
+
+    /// The verdict's prepared recipe (plan, p-value tables, thresholds per class) against the
+    /// calibration's definitions by component name, which calibration and eval use.
+    #[test]
+    fn a_verdict_agrees_with_the_calibration_s_definitions() {
+        for meta in [shipped(), with_stage_two(shipped())] {
+            let cal = meta.calibration.clone().expect("calibrated");
+            let bins = cal.input.as_ref().map_or(0, |i| i.bins);
+            for kind in ScoreKind::ALL {
+                let detector = Detector::new(&meta, kind).unwrap();
+                for (i, class) in [0usize, 3, 7, 9].into_iter().enumerate() {
+                    // Logits from confident to near a tie; each stage's class mean pulled
+                    // further away each round, and a histogram with more faint pixels.
+                    let mut logits: Vec<f32> = (0..10).map(|k| (k as f32 * 0.3).sin()).collect();
+                    logits[class] += 4.0 / (i + 1) as f32;
+                    let shift = i as f32 * 0.05;
+                    let stages: Vec<Vec<f32>> = cal
+                        .stages
+                        .iter()
+                        .map(|s| {
+                            let mean = &s.means[class];
+                            let wave = |k: usize| shift * ((k * 13 % 7) as f32 - 3.0);
+                            mean.iter().enumerate().map(|(k, m)| m + wave(k)).collect()
+                        })
+                        .collect();
+                    let mut histogram = vec![0.0f32; bins];
+                    if bins > 0 {
+                        histogram[0] = 1.0 - shift;
+                        histogram[bins / 8] = shift;
+                    }
+                    let sample = Sample {
+                        logits: &logits,
+                        stages: stages.iter().map(Vec::as_slice).collect(),
+                        input: (bins > 0).then_some(histogram.as_slice()),
+                    };
+                    let verdict = detector.judge(&sample);
+                    let components = detector.components(&detector.raw_scores(&sample));
+                    assert_eq!(verdict.components, components);
+                    for c in &verdict.components {
+                        assert!(c.score.is_finite(), "{kind:?} {c:?}");
+                        assert_eq!(c.p_value, p_value(&cal, &c.name, c.score));
+                    }
+                    let want = verdict_score(&cal, kind, &components);
+                    assert_eq!(
+                        verdict.score.to_bits(),
+                        want.to_bits(),
+                        "{kind:?} class {class}"
+                    );
+                    assert_eq!(verdict.threshold, threshold(&cal, kind, verdict.class_id));
+                    assert_eq!(verdict.class_id, class);
+                }
+            }
+        }
+        // Uncalibrated, the verdict is the raw score its name says, with no threshold.
+        let mut meta = shipped();
+        meta.calibration = None;
+        for kind in [ScoreKind::Combined, ScoreKind::Msp, ScoreKind::GateMismatch] {
+            let detector = Detector::new(&meta, kind).unwrap();
+            let logits: Vec<f32> = (0..10).map(|k| (k as f32 * 0.7).cos()).collect();
+            let acts: Vec<f32> = (0..128).map(|k| (k % 5) as f32).collect();
+            let sample = Sample {
+                logits: &logits,
+                stages: vec![&acts],
+                input: None,
+            };
+            let verdict = detector.judge(&sample);
+            let name = detector.score_name();
+            let raw = detector.raw_scores(&sample);
+            let want = raw.iter().find(|(n, _)| n == name).unwrap().1;
+            assert_eq!((verdict.score, verdict.threshold), (want, None), "{kind:?}");
+            assert!(verdict.components.iter().all(|c| c.p_value.is_none()));
         }
     }
 

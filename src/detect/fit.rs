@@ -347,14 +347,17 @@ pub fn fit(
     };
 
     // Score tables from the second set.
-    let mut detector = Detector::assemble(
-        meta.classes.clone(),
-        gate,
-        Some(calibration.clone()),
-        ScoreKind::Combined,
-        Vec::new(),
-        &meta.input,
-    );
+    let assemble = |calibration: &Calibration| {
+        Detector::assemble(
+            meta.classes.clone(),
+            gate.clone(),
+            Some(calibration.clone()),
+            ScoreKind::Combined,
+            Vec::new(),
+            &meta.input,
+        )
+    };
+    let detector = assemble(&calibration);
     let c = table_set.classes();
     let raw: Vec<Vec<(String, f64)>> = (0..table_set.len())
         .map(|i| {
@@ -382,7 +385,8 @@ pub fn fit(
         table.sort_by(f64::total_cmp);
     }
     calibration.tables = tables;
-    detector.calibration = Some(calibration.clone());
+    // Rebuilt with the tables, which the p-values read.
+    let detector = assemble(&calibration);
 
     // Every verdict score on the table set, then thresholds at the target FPR.
     let predicted: Vec<usize> = (0..table_set.len())

@@ -7,7 +7,10 @@
 
 pub mod calibration;
 pub mod fit;
+mod plan;
 pub mod scores;
+
+use std::sync::Arc;
 
 use csg_bundle::{BundleMeta, Gate, InputSpec};
 use serde::{Deserialize, Serialize};
@@ -15,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use ndarray::{Array2, ArrayView, ArrayView2, Axis, RemoveAxis};
 
 pub use csg_bundle::calibration::{Calibration, StageStats};
-use csg_bundle::calibration::{GATED, INPUT_HISTOGRAM, StageFeatures};
+use csg_bundle::calibration::{GATED, StageFeatures};
 use csg_bundle::mahalanobis::StageScorer;
+use plan::{Decider, Plan, Source};
 
 /// Which score decides the verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -153,7 +157,8 @@ pub struct Sample<'a> {
 /// One piece of evidence.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Component {
-    pub name: String,
+    /// Shared with the detector's recipe ([`plan`]), not copied per verdict.
+    pub name: Arc<str>,
     pub score: f64,
     /// Against the clean score table; `None` when uncalibrated.
     pub p_value: Option<f64>,
@@ -206,6 +211,10 @@ pub struct Detector {
     map_channels: Vec<Option<usize>>,
     /// The gate's column of each class, taken out once rather than per verdict.
     gate_columns: Vec<Vec<f32>>,
+    /// Each class's gated filters (G ≥ [`GATED`]), the candidates for a verdict's top filters.
+    gated_filters: Vec<Vec<usize>>,
+    /// Every component a verdict computes, their tables and thresholds, worked out once.
+    plan: Plan,
     /// The input's pixel histogram and its distance, where the calibration scores them.
     input: Option<(PixelHistogram, StageScorer)>,
 }
@@ -273,6 +282,14 @@ impl Detector {
             .iter()
             .flat_map(|g| (0..g.classes).map(|c| g.column(c)))
             .collect();
+        let gated_filters = gate
+            .iter()
+            .flat_map(|g| {
+                (0..g.classes).map(|c| (0..g.filters).filter(|&k| g.get(k, c) >= GATED).collect())
+            })
+            .collect();
+        let name = score_name(calibration.is_some(), gate.is_some(), score);
+        let plan = Plan::new(calibration.as_ref(), gate.is_some(), score, name);
         Self {
             classes,
             gate,
@@ -282,6 +299,8 @@ impl Detector {
             scorers,
             map_channels,
             gate_columns,
+            gated_filters,
+            plan,
             input,
         }
     }
@@ -367,47 +386,30 @@ impl Detector {
     /// Name of the verdict score. Uncalibrated, only raw scores that need no clean statistics
     /// exist, so the verdict reports one of those (the margin unless msp or gate mismatch).
     pub fn score_name(&self) -> &'static str {
-        if self.calibration.is_some() {
-            return self.score.name();
-        }
-        match self.score {
-            ScoreKind::Msp => "msp",
-            ScoreKind::GateMismatch if self.gate.is_some() => "gate_mismatch",
-            _ => "margin",
-        }
+        score_name(self.calibration.is_some(), self.gate.is_some(), self.score)
     }
 
     /// Every raw score of one sample, keyed by component name (for calibration and eval).
     pub fn raw_scores(&self, sample: &Sample<'_>) -> Vec<(String, f64)> {
-        let features = self.stage_features(sample);
-        self.scores_of(
-            sample.logits,
-            &features,
-            sample.stages.last().copied(),
-            sample.input,
-        )
-    }
-
-    /// Each calibrated stage's feature vector of one sample: its GAP, or its map's
-    /// statistics where the stage reads them. `None` where the sample does not hold what the
-    /// calibration reads (never for samples built from [`Self::stage_outputs`]).
-    fn stage_features<'s>(&self, sample: &Sample<'s>) -> Vec<Option<&'s [f32]>> {
-        let Some(cal) = &self.calibration else {
-            return Vec::new();
+        let (class, probability) = scores::top_class(sample.logits);
+        let evidence = Evidence {
+            logits: sample.logits,
+            gated: sample.stages.last().copied(),
+            input: sample.input,
         };
-        cal.stages
+        self.plan
+            .components
             .iter()
-            .enumerate()
-            .map(|(s, stats)| {
-                let features = sample.stages.get(s).copied()?;
-                (features.len() == stats.dim()).then_some(features)
+            .map(|c| {
+                let stage = self.sample_stage(sample, c.source);
+                let score = self.component_score(c.source, class, probability, stage, &evidence);
+                (c.name.to_string(), score)
             })
             .collect()
     }
 
-    /// Every raw score from computed stage features ([`Self::stage_features`], or the
-    /// calibration's own rows), the gated stage's activations and the input's pixel
-    /// histogram.
+    /// Every raw score from computed stage features (the calibration's own rows, one per
+    /// calibrated stage), the gated stage's activations and the input's pixel histogram.
     pub(crate) fn scores_of(
         &self,
         logits: &[f32],
@@ -415,31 +417,72 @@ impl Detector {
         gated: Option<&[f32]>,
         input: Option<&[f32]>,
     ) -> Vec<(String, f64)> {
-        let (class, _) = scores::top_class(logits);
-        let mut out = Vec::new();
-        if let Some(cal) = &self.calibration {
-            for ((stats, scorer), features) in cal.stages.iter().zip(&self.scorers).zip(features) {
-                let score = features.map_or(f64::NAN, |f| scorer.score(f, class));
-                out.push((stats.component_name(), score));
+        let (class, probability) = scores::top_class(logits);
+        let evidence = Evidence {
+            logits,
+            gated,
+            input,
+        };
+        self.plan
+            .components
+            .iter()
+            .map(|c| {
+                let stage = match c.source {
+                    Source::Stage { index, .. } => features.get(index).copied().flatten(),
+                    _ => None,
+                };
+                let score = self.component_score(c.source, class, probability, stage, &evidence);
+                (c.name.to_string(), score)
+            })
+            .collect()
+    }
+
+    /// A stage component's features in a sample: `None` where the sample does not hold what
+    /// the calibration reads (never for samples built from [`Self::stage_outputs`]).
+    fn sample_stage<'s>(&self, sample: &Sample<'s>, source: Source) -> Option<&'s [f32]> {
+        match source {
+            Source::Stage { index, dim } => {
+                let features = sample.stages.get(index).copied()?;
+                (features.len() == dim).then_some(features)
             }
+            _ => None,
         }
-        if let Some((_, scorer)) = &self.input {
-            let score = input.map_or(f64::NAN, |h| scorer.score(h, class));
-            out.push((INPUT_HISTOGRAM.to_owned(), score));
+    }
+
+    /// One component's raw score for an image predicted as `class` with `probability`;
+    /// `stage` holds a stage component's features. NaN where the evidence is missing.
+    fn component_score(
+        &self,
+        source: Source,
+        class: usize,
+        probability: f32,
+        stage: Option<&[f32]>,
+        evidence: &Evidence<'_>,
+    ) -> f64 {
+        match source {
+            Source::Stage { index, .. } => match (self.scorers.get(index), stage) {
+                (Some(scorer), Some(features)) => scorer.score(features, class),
+                _ => f64::NAN,
+            },
+            Source::Input => match (&self.input, evidence.input) {
+                (Some((_, scorer)), Some(histogram)) => scorer.score(histogram, class),
+                _ => f64::NAN,
+            },
+            Source::Margin => scores::margin_score(evidence.logits),
+            // `scores::msp_score`, from the probability already computed.
+            Source::Msp => 1.0 - f64::from(probability),
+            Source::GateMismatch => match (self.gate_columns.get(class), evidence.gated) {
+                (Some(column), Some(acts)) => scores::gate_mismatch(column, acts),
+                _ => f64::NAN,
+            },
         }
-        out.push(("margin".into(), scores::margin_score(logits)));
-        out.push(("msp".into(), scores::msp_score(logits)));
-        if let (Some(column), Some(acts)) = (self.gate_columns.get(class), gated) {
-            out.push(("gate_mismatch".into(), scores::gate_mismatch(column, acts)));
-        }
-        out
     }
 
     /// Raw scores with their p-values against the clean tables.
     pub(crate) fn components(&self, raw: &[(String, f64)]) -> Vec<Component> {
         raw.iter()
             .map(|(name, score)| Component {
-                name: name.clone(),
+                name: Arc::from(name.as_str()),
                 score: *score,
                 p_value: self
                     .calibration
@@ -449,33 +492,45 @@ impl Detector {
             .collect()
     }
 
-    /// The verdict for one image.
+    /// The verdict for one image: every planned component's score and p-value, in one pass
+    /// and one allocation besides the answer's filters and label.
     pub fn judge(&self, sample: &Sample<'_>) -> Verdict {
         let (class_id, probability) = scores::top_class(sample.logits);
-        let raw = self.raw_scores(sample);
-        let components = self.components(&raw);
-        let (score, threshold) = match &self.calibration {
-            Some(cal) => {
-                let score = calibration::verdict_score(cal, self.score, &components);
-                (score, calibration::threshold(cal, self.score, class_id))
-            }
-            None => {
-                let name = self.score_name();
-                let score = raw
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map_or(f64::NAN, |(_, s)| *s);
-                (score, None)
-            }
+        let evidence = Evidence {
+            logits: sample.logits,
+            gated: sample.stages.last().copied(),
+            input: sample.input,
         };
-        let score_name = self.score_name();
+        let plan = &self.plan;
+        let components: Vec<Component> = plan
+            .components
+            .iter()
+            .map(|c| {
+                let stage = self.sample_stage(sample, c.source);
+                let score = self.component_score(c.source, class_id, probability, stage, &evidence);
+                Component {
+                    name: Arc::clone(&c.name),
+                    score,
+                    p_value: c.table.as_ref().map(|t| t.p_value(score)),
+                }
+            })
+            .collect();
+        let score = match plan.decider {
+            Decider::Combined => scores::combine_each(
+                plan.combiner,
+                plan.combined.iter().filter_map(|&i| components[i].p_value),
+            ),
+            Decider::Component(i) => components[i].score,
+            Decider::Missing => f64::NAN,
+        };
+        let threshold = plan.threshold(class_id);
         Verdict {
             class_id,
             label: self.classes.get(class_id).cloned().unwrap_or_default(),
             probability,
             is_adversarial: threshold.map(|t| score > t),
             score,
-            score_name,
+            score_name: self.score_name(),
             threshold,
             components,
             top_filters: self.top_filters(sample, class_id),
@@ -483,13 +538,35 @@ impl Detector {
     }
 
     /// The predicted class's gated filters ranked by |z| against clean statistics.
+    /// The first [`TOP_FILTERS`] of [`gated_deviations`], selected on the way rather than
+    /// sorted whole.
     fn top_filters(&self, sample: &Sample<'_>, class: usize) -> Vec<FilterDeviation> {
-        let (Some(gate), Some(acts)) = (&self.gate, sample.stages.last()) else {
+        let (Some(gate), Some(acts), Some(gated)) = (
+            &self.gate,
+            sample.stages.last(),
+            self.gated_filters.get(class),
+        ) else {
             return Vec::new();
         };
-        let mut filters = gated_deviations(gate, acts, self.gated_stats(), class);
-        filters.truncate(TOP_FILTERS);
-        filters
+        let stats = self.gated_stats();
+        // The largest |z| so far, largest first; a filter goes after those with an equal
+        // |z|, which came before it.
+        let mut best = [(0.0f32, 0usize); TOP_FILTERS];
+        let mut kept = 0;
+        for &k in gated.iter().filter(|&&k| k < acts.len()) {
+            let (mean, std) = clean_stats(stats, class, k);
+            let size = ((acts[k] - mean) / std).abs();
+            let at = best[..kept].partition_point(|&(s, _)| s.total_cmp(&size).is_ge());
+            if at < TOP_FILTERS {
+                best.copy_within(at..TOP_FILTERS - 1, at + 1);
+                best[at] = (size, k);
+                kept = (kept + 1).min(TOP_FILTERS);
+            }
+        }
+        best[..kept]
+            .iter()
+            .map(|&(_, k)| deviation(gate, acts, stats, class, k))
+            .collect()
     }
 
     /// The learned gate, or the calibration's empirical one for a standard model.
@@ -525,19 +602,56 @@ pub fn gated_deviations(
 ) -> Vec<FilterDeviation> {
     let mut filters: Vec<FilterDeviation> = (0..gate.filters.min(acts.len()))
         .filter(|&k| gate.get(k, class) >= GATED)
-        .map(|k| {
-            let (mean, std) = clean_stats(stats, class, k);
-            FilterDeviation {
-                filter: k,
-                gate: gate.get(k, class),
-                activation: acts[k],
-                clean_mean: mean,
-                z: (acts[k] - mean) / std,
-            }
-        })
+        .map(|k| deviation(gate, acts, stats, class, k))
         .collect();
-    filters.sort_by(|a, b| b.z.abs().total_cmp(&a.z.abs()));
+    filters.sort_by(larger_deviation);
     filters
+}
+
+/// Filter `k`'s deviation (`k` < `acts.len()`).
+fn deviation(
+    gate: &Gate,
+    acts: &[f32],
+    stats: Option<&StageStats>,
+    class: usize,
+    k: usize,
+) -> FilterDeviation {
+    let (mean, std) = clean_stats(stats, class, k);
+    FilterDeviation {
+        filter: k,
+        gate: gate.get(k, class),
+        activation: acts[k],
+        clean_mean: mean,
+        z: (acts[k] - mean) / std,
+    }
+}
+
+/// Larger |z| first, then lower filter index.
+fn larger_deviation(a: &FilterDeviation, b: &FilterDeviation) -> std::cmp::Ordering {
+    b.z.abs()
+        .total_cmp(&a.z.abs())
+        .then(a.filter.cmp(&b.filter))
+}
+
+/// What a raw score is computed from, besides a stage's features.
+struct Evidence<'a> {
+    logits: &'a [f32],
+    /// The gated (last) stage's activations.
+    gated: Option<&'a [f32]>,
+    input: Option<&'a [f32]>,
+}
+
+/// Name of the verdict score. Uncalibrated, only raw scores that need no clean statistics
+/// exist, so the verdict reports one of those (the margin unless msp or gate mismatch).
+fn score_name(calibrated: bool, has_gate: bool, score: ScoreKind) -> &'static str {
+    if calibrated {
+        return score.name();
+    }
+    match score {
+        ScoreKind::Msp => "msp",
+        ScoreKind::GateMismatch if has_gate => "gate_mismatch",
+        _ => "margin",
+    }
 }
 
 #[cfg(test)]

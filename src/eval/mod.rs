@@ -180,7 +180,7 @@ fn score_images(
                 components: verdict
                     .components
                     .into_iter()
-                    .map(|c| (c.name, (c.score, c.p_value)))
+                    .map(|c| (c.name.to_string(), (c.score, c.p_value)))
                     .collect(),
             });
         }

@@ -119,6 +119,24 @@ fn panels_square_norm(values: &[f32], v: &[f32]) -> f64 {
     total
 }
 
+/// Feature vectors up to this long are centred in a buffer on the stack rather than in a new
+/// vector per verdict.
+const STACK_DIM: usize = 256;
+
+/// `len` values of scratch space: the stack's where they fit, else `heap`'s.
+fn scratch<'a>(
+    stack: &'a mut [f32; STACK_DIM],
+    heap: &'a mut Vec<f32>,
+    len: usize,
+) -> &'a mut [f32] {
+    if len <= STACK_DIM {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0.0);
+        heap
+    }
+}
+
 /// How one stage's distance is evaluated: the whole feature vector, or the predicted
 /// class's gated filters.
 #[derive(Debug, Clone)]
@@ -180,18 +198,26 @@ impl StageScorer {
         if acts.len() != mean.len() {
             return f64::NAN;
         }
+        let mut stack = [0.0f32; STACK_DIM];
+        let mut heap = Vec::new();
         match &self.prepared {
             Prepared::Full(q) => {
-                let diff: Vec<f32> = acts.iter().zip(mean).map(|(a, m)| a - m).collect();
-                q.log_distance(&diff)
+                let diff = scratch(&mut stack, &mut heap, mean.len());
+                for ((d, a), m) in diff.iter_mut().zip(acts).zip(mean) {
+                    *d = a - m;
+                }
+                q.log_distance(diff)
             }
             Prepared::Gated(classes) => match classes.get(class) {
                 Some((filters, q)) => {
-                    let diff: Option<Vec<f32>> = filters
-                        .iter()
-                        .map(|&k| Some(acts.get(k)? - mean.get(k)?))
-                        .collect();
-                    diff.map_or(f64::NAN, |d| q.log_distance(&d))
+                    let diff = scratch(&mut stack, &mut heap, filters.len());
+                    for (d, &k) in diff.iter_mut().zip(filters) {
+                        match (acts.get(k), mean.get(k)) {
+                            (Some(a), Some(m)) => *d = a - m,
+                            _ => return f64::NAN,
+                        }
+                    }
+                    q.log_distance(diff)
                 }
                 None => f64::INFINITY,
             },

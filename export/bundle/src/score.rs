@@ -45,18 +45,36 @@ pub fn msp_score(logits: &[f32]) -> f64 {
     1.0 - f64::from(top_class(logits).1)
 }
 
-/// 1 − ρ with ρ = Σ g·a / Σ a: the share of activation outside the class's gate pattern.
+/// 1 − ρ with ρ = Σ g·a / Σ a over the activations above zero: the share of activation
+/// outside the class's gate pattern. Both sums run in four f64 lanes, so they vectorise (one
+/// running sum each was a tenth of a verdict's time); compiled again for AVX2, where the four
+/// lanes are one register.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 pub fn gate_mismatch(gate_column: &[f32], activations: &[f32]) -> f64 {
-    let total: f64 = activations.iter().map(|&a| f64::from(a.max(0.0))).sum();
+    const LANES: usize = 4;
+    let shared = gate_column.len().min(activations.len());
+    let (gated, rest) = activations.split_at(shared);
+    let (mut total, mut on_gate) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (a_lanes, g_lanes) = (gated.chunks_exact(LANES), gate_column.chunks_exact(LANES));
+    let (a_tail, g_tail) = (a_lanes.remainder(), g_lanes.remainder());
+    for (a, g) in a_lanes.zip(g_lanes) {
+        for lane in 0..LANES {
+            let a = f64::from(a[lane].max(0.0));
+            total[lane] += a;
+            on_gate[lane] += f64::from(g[lane]) * a;
+        }
+    }
+    for (&a, &g) in a_tail.iter().zip(g_tail) {
+        let a = f64::from(a.max(0.0));
+        total[0] += a;
+        on_gate[0] += f64::from(g) * a;
+    }
+    total[0] += rest.iter().map(|&a| f64::from(a.max(0.0))).sum::<f64>();
+    let total: f64 = total.iter().sum();
     if total <= 0.0 {
         return 1.0;
     }
-    let on_gate: f64 = gate_column
-        .iter()
-        .zip(activations)
-        .map(|(&g, &a)| f64::from(g) * f64::from(a.max(0.0)))
-        .sum();
-    1.0 - on_gate / total
+    1.0 - on_gate.iter().sum::<f64>() / total
 }
 
 /// ln of the Mahalanobis distance of `x` to `mean` under the row-major precision matrix,
@@ -126,24 +144,33 @@ pub fn p_value(sorted_clean: &[f64], score: f64) -> f64 {
 /// The smallest p-value's −ln (each attack family lights up one component; Fisher's sum
 /// diluted that signal in REFERENCE §3).
 pub fn min_p_combination(p_values: &[f64]) -> f64 {
-    p_values.iter().map(|p| -p.ln()).fold(0.0, f64::max)
+    combine_each(Combiner::MinP, p_values.iter().copied())
 }
 
 /// −ln of the harmonic mean of the p-values: ln(Σ 1/p / n). Equal to −ln p for one
 /// component; 0 for none.
 pub fn harmonic_mean_combination(p_values: &[f64]) -> f64 {
-    if p_values.is_empty() {
-        return 0.0;
-    }
-    let sum: f64 = p_values.iter().map(|p| 1.0 / p).sum();
-    (sum / p_values.len() as f64).ln()
+    combine_each(Combiner::HarmonicMean, p_values.iter().copied())
 }
 
 /// The combined score of component p-values under `combiner`.
 pub fn combine(combiner: Combiner, p_values: &[f64]) -> f64 {
+    combine_each(combiner, p_values.iter().copied())
+}
+
+/// [`combine`] over p-values as they come, in that order (sums depend on it), without
+/// collecting them first.
+pub fn combine_each(combiner: Combiner, p_values: impl IntoIterator<Item = f64>) -> f64 {
+    let p_values = p_values.into_iter();
     match combiner {
-        Combiner::MinP => min_p_combination(p_values),
-        Combiner::HarmonicMean => harmonic_mean_combination(p_values),
+        Combiner::MinP => p_values.map(|p| -p.ln()).fold(0.0, f64::max),
+        Combiner::HarmonicMean => {
+            let (n, sum) = p_values.fold((0usize, 0.0f64), |(n, sum), p| (n + 1, sum + 1.0 / p));
+            if n == 0 {
+                return 0.0;
+            }
+            (sum / n as f64).ln()
+        }
     }
 }
 
@@ -258,24 +285,27 @@ pub fn pixel_histogram_into(image: &[f32], spec: &InputSpec, out: &mut [f32]) ->
     let per_unit = bins as f32 / (hi - lo).max(f32::MIN_POSITIVE);
     let last = (bins - 1) as f32;
     let mut counts = [[0u32; MAX_HISTOGRAM_BINS]; WAYS];
-    let mut index = [0u8; BLOCK];
+    let mut index = [0i32; BLOCK];
     for ((channel, mean), std) in image.chunks_exact(plane).zip(&spec.mean).zip(&spec.std) {
-        // Bin position (v·std + mean − lo)·per_unit as one multiply-add; `clamp` keeps it in
-        // [0, last] (NaN goes to 0 through `as`), and `as` truncates, the floor of a
-        // non-negative.
+        // Bin position (v·std + mean − lo)·per_unit as one multiply-add, kept in [0, last]
+        // (NaN goes to 0); the conversion truncates, the floor of a non-negative.
         let (scale, offset) = (std * per_unit, (mean - lo) * per_unit);
         for block in channel.chunks(BLOCK) {
             let index = &mut index[..block.len()];
             for (i, &v) in index.iter_mut().zip(block) {
-                *i = (v * scale + offset).clamp(0.0, last) as u8;
+                let position = (v * scale + offset).max(0.0).min(last);
+                // SAFETY: `max` returns 0 for NaN, so `position` is finite and in
+                // [0, last] ⊂ [0, 255], which i32 represents. The checked `as` kept the
+                // conversion scalar (its NaN and overflow cases); this one vectorises.
+                *i = unsafe { position.to_int_unchecked::<i32>() };
             }
             let quads = index.chunks_exact(WAYS);
             for &i in quads.remainder() {
-                counts[0][usize::from(i)] += 1;
+                counts[0][i as usize] += 1;
             }
             for quad in quads {
                 for (way, &i) in counts.iter_mut().zip(quad) {
-                    way[usize::from(i)] += 1;
+                    way[i as usize] += 1;
                 }
             }
         }
@@ -366,6 +396,20 @@ mod tests {
     fn gate_mismatch_is_the_share_off_the_gate() {
         assert!((gate_mismatch(&[1.0, 0.0, 0.5], &[2.0, 2.0, 4.0]) - 0.5).abs() < 1e-12);
         assert_eq!(gate_mismatch(&[1.0], &[0.0]), 1.0);
+        // Longer than the lanes, with negative activations (ignored) and activations past
+        // the gate column's end (counted in the total only): the plain sums' answer.
+        let acts: Vec<f32> = (0..39).map(|i| ((i as f32) * 0.7).sin() * 3.0).collect();
+        let gate: Vec<f32> = (0..37)
+            .map(|i| if i % 3 == 0 { 1.0 } else { 0.25 })
+            .collect();
+        let positive = |a: f32| f64::from(a.max(0.0));
+        let total: f64 = acts.iter().map(|&a| positive(a)).sum();
+        let on: f64 = gate
+            .iter()
+            .zip(&acts)
+            .map(|(&g, &a)| f64::from(g) * positive(a))
+            .sum();
+        assert!((gate_mismatch(&gate, &acts) - (1.0 - on / total)).abs() < 1e-12);
     }
 
     #[test]
