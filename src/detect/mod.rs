@@ -288,8 +288,7 @@ impl Detector {
                 (0..g.classes).map(|c| (0..g.filters).filter(|&k| g.get(k, c) >= GATED).collect())
             })
             .collect();
-        let name = score_name(calibration.is_some(), gate.is_some(), score);
-        let plan = Plan::new(calibration.as_ref(), gate.is_some(), score, name);
+        let plan = Plan::new(calibration.as_ref(), gate.is_some(), score);
         Self {
             classes,
             gate,
@@ -392,20 +391,11 @@ impl Detector {
     /// Every raw score of one sample, keyed by component name (for calibration and eval).
     pub fn raw_scores(&self, sample: &Sample<'_>) -> Vec<(String, f64)> {
         let (class, probability) = scores::top_class(sample.logits);
-        let evidence = Evidence {
-            logits: sample.logits,
-            gated: sample.stages.last().copied(),
-            input: sample.input,
-        };
-        self.plan
-            .components
-            .iter()
-            .map(|c| {
-                let stage = self.sample_stage(sample, c.source);
-                let score = self.component_score(c.source, class, probability, stage, &evidence);
-                (c.name.to_string(), score)
-            })
-            .collect()
+        self.planned_scores(class, probability, Evidence::of(sample), |source| {
+            self.sample_stage(sample, source)
+        })
+        .map(|(c, score)| (c.name.to_string(), score))
+        .collect()
     }
 
     /// Every raw score from computed stage features (the calibration's own rows, one per
@@ -423,18 +413,28 @@ impl Detector {
             gated,
             input,
         };
-        self.plan
-            .components
-            .iter()
-            .map(|c| {
-                let stage = match c.source {
-                    Source::Stage { index, .. } => features.get(index).copied().flatten(),
-                    _ => None,
-                };
-                let score = self.component_score(c.source, class, probability, stage, &evidence);
-                (c.name.to_string(), score)
-            })
-            .collect()
+        self.planned_scores(class, probability, evidence, |source| match source {
+            Source::Stage { index, .. } => features.get(index).copied().flatten(),
+            _ => None,
+        })
+        .map(|(c, score)| (c.name.to_string(), score))
+        .collect()
+    }
+
+    /// Each planned component with its raw score for an image predicted as `class` with
+    /// `probability`; `stage` finds a stage component's features.
+    fn planned_scores<'a>(
+        &'a self,
+        class: usize,
+        probability: f32,
+        evidence: Evidence<'a>,
+        stage: impl Fn(Source) -> Option<&'a [f32]> + 'a,
+    ) -> impl Iterator<Item = (&'a plan::Planned, f64)> + 'a {
+        self.plan.components.iter().map(move |c| {
+            let features = stage(c.source);
+            let score = self.component_score(c.source, class, probability, features, &evidence);
+            (c, score)
+        })
     }
 
     /// A stage component's features in a sample: `None` where the sample does not hold what
@@ -496,23 +496,15 @@ impl Detector {
     /// and one allocation besides the answer's filters and label.
     pub fn judge(&self, sample: &Sample<'_>) -> Verdict {
         let (class_id, probability) = scores::top_class(sample.logits);
-        let evidence = Evidence {
-            logits: sample.logits,
-            gated: sample.stages.last().copied(),
-            input: sample.input,
-        };
         let plan = &self.plan;
-        let components: Vec<Component> = plan
-            .components
-            .iter()
-            .map(|c| {
-                let stage = self.sample_stage(sample, c.source);
-                let score = self.component_score(c.source, class_id, probability, stage, &evidence);
-                Component {
-                    name: Arc::clone(&c.name),
-                    score,
-                    p_value: c.table.as_ref().map(|t| t.p_value(score)),
-                }
+        let components: Vec<Component> = self
+            .planned_scores(class_id, probability, Evidence::of(sample), |source| {
+                self.sample_stage(sample, source)
+            })
+            .map(|(c, score)| Component {
+                name: Arc::clone(&c.name),
+                score,
+                p_value: c.table.as_ref().map(|t| t.p_value(score)),
             })
             .collect();
         let score = match plan.decider {
@@ -537,9 +529,8 @@ impl Detector {
         }
     }
 
-    /// The predicted class's gated filters ranked by |z| against clean statistics.
-    /// The first [`TOP_FILTERS`] of [`gated_deviations`], selected on the way rather than
-    /// sorted whole.
+    /// The first [`TOP_FILTERS`] of [`gated_deviations`], kept in order on the way rather than
+    /// all collected and sorted.
     fn top_filters(&self, sample: &Sample<'_>, class: usize) -> Vec<FilterDeviation> {
         let (Some(gate), Some(acts), Some(gated)) = (
             &self.gate,
@@ -639,6 +630,16 @@ struct Evidence<'a> {
     /// The gated (last) stage's activations.
     gated: Option<&'a [f32]>,
     input: Option<&'a [f32]>,
+}
+
+impl<'a> Evidence<'a> {
+    fn of(sample: &Sample<'a>) -> Self {
+        Self {
+            logits: sample.logits,
+            gated: sample.stages.last().copied(),
+            input: sample.input,
+        }
+    }
 }
 
 /// Name of the verdict score. Uncalibrated, only raw scores that need no clean statistics

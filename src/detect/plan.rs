@@ -34,7 +34,7 @@ pub(super) struct Planned {
     pub name: Arc<str>,
     pub source: Source,
     /// Clean scores its p-value is read from; `None` when uncalibrated.
-    pub table: Option<Arc<CleanTable>>,
+    pub table: Option<CleanTable>,
 }
 
 /// What decides the verdict.
@@ -65,15 +65,9 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    /// The recipe for `kind` (`name` is the verdict score's name, [`super::Detector::score_name`]):
-    /// the calibration's stages (`stage_dims`, in order), the input histogram where
+    /// The recipe for `kind`: the calibration's stages in order, the input histogram where
     /// calibrated, the margin, msp, and the gate mismatch where there is a gate.
-    pub fn new(
-        calibration: Option<&Calibration>,
-        has_gate: bool,
-        kind: ScoreKind,
-        name: &'static str,
-    ) -> Self {
+    pub fn new(calibration: Option<&Calibration>, has_gate: bool, kind: ScoreKind) -> Self {
         let mut sources: Vec<(String, Source)> = Vec::new();
         if let Some(cal) = calibration {
             for (index, stats) in cal.stages.iter().enumerate() {
@@ -94,13 +88,15 @@ impl Plan {
             .map(|(name, source)| Planned {
                 table: calibration
                     .and_then(|c| c.tables.get(&name))
-                    .map(|t| Arc::new(CleanTable::new(t.clone()))),
+                    .map(|t| CleanTable::new(t.clone())),
                 name: Arc::from(name),
                 source,
             })
             .collect();
         let find = |name: &str| components.iter().position(|c| &*c.name == name);
         let Some(cal) = calibration else {
+            // Uncalibrated, the verdict is the raw score [`super::score_name`] names.
+            let name = super::score_name(false, has_gate, kind);
             let decider = find(name).map_or(Decider::Missing, Decider::Component);
             return Self {
                 combined: Vec::new(),
