@@ -1,13 +1,13 @@
 //! Dynamic batching, in the manner of text-embeddings-inference: per model, one task owns a
-//! bounded queue of single images, gathers them into a batch (up to `max_batch_size` images,
-//! or whatever arrived within `max_wait_us` of the batch's first image), and hands the batch
-//! to one of the model's session threads, which makes ONE ONNX Runtime call and sends every
-//! caller its own rows back over a oneshot channel.
+//! bounded queue of single images, gathers them into a batch, and hands the batch to a free
+//! session thread, which makes ONE ONNX Runtime call and sends every caller its own rows back
+//! over a oneshot channel. A batch is sealed only when a session is free to run it (or it
+//! holds `max_batch_size` images), so batches grow with the load ([`gather`]).
 //!
 //! Backpressure: a request's images enter the queue all or none (`try_reserve_many`); a full
-//! queue is reported as [`BatchError::QueueFull`] (HTTP 429) at once, never waited on. The
-//! hand-off to the sessions holds at most one batch, so when every session is busy the
-//! batching task waits, the queue fills, and new requests are turned away.
+//! queue is reported as [`BatchError::QueueFull`] (HTTP 429) at once, never waited on. When
+//! every session is busy and the next batch is full, the batching task waits, the queue
+//! fills, and new requests are turned away.
 //!
 //! Inference runs on dedicated OS threads (one per ONNX Runtime session, since
 //! `Session::run` takes `&mut self`), never on the async I/O threads.
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array2, ArrayView4};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::detect::{Detector, PixelHistogram, reduce_map};
 use crate::metrics::Metrics;
@@ -119,6 +119,9 @@ pub struct Output {
 
 pub type Reply = oneshot::Receiver<Result<Output, BatchError>>;
 
+/// A sealed batch and the permit of the session that will run it.
+type Sealed = (Vec<Job>, OwnedSemaphorePermit);
+
 struct Job {
     input: Vec<f32>,
     enqueued: Instant,
@@ -162,7 +165,10 @@ impl Batcher {
         metrics: Arc<Metrics>,
     ) -> Batcher {
         let (tx, rx) = mpsc::channel::<Job>(limits.queue_capacity.max(1));
-        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Job>>(1);
+        // One permit per running session thread; a batch travels with the permit of the
+        // session that will run it, so the hand-off never holds more than the sessions take.
+        let idle = Arc::new(Semaphore::new(0));
+        let (batch_tx, batch_rx) = mpsc::channel(runners.len().max(1));
         let batch_rx = Arc::new(Mutex::new(batch_rx));
         for (i, runner) in runners.into_iter().enumerate() {
             let rx = Arc::clone(&batch_rx);
@@ -171,13 +177,15 @@ impl Batcher {
             let spawned = std::thread::Builder::new()
                 .name(format!("csgd-{model}-{i}"))
                 .spawn(move || worker(runner, rx, shape, &name, &metrics));
-            if let Err(e) = spawned {
-                tracing::error!(model, error = %e, "cannot start a session thread");
+            match spawned {
+                Ok(_) => idle.add_permits(1),
+                Err(e) => tracing::error!(model, error = %e, "cannot start a session thread"),
             }
         }
         tokio::spawn(batching_task(
             rx,
             batch_tx,
+            idle,
             limits,
             model.to_owned(),
             Arc::clone(&metrics),
@@ -233,48 +241,71 @@ impl Batcher {
     }
 }
 
-/// Gathers the next batch: waits for one job, then takes what is queued and what arrives
-/// before `first + max_wait`, up to `max_batch_size`. `None` once the queue is closed and empty.
-async fn gather(rx: &mut mpsc::Receiver<Job>, limits: Limits) -> Option<Vec<Job>> {
+/// Gathers the next batch and a free session to run it.
+///
+/// A batch is sealed when it is full, or when a session is free and its first image has
+/// waited `max_wait` for company. While every session is busy the batch keeps filling
+/// instead: an image arriving then waits for a session anyway, so it may as well share the
+/// next call, and a batch sealed early would only queue small behind the running one. Under
+/// load, batches grow with the load; an idle model waits at most `max_wait` (rounded up to
+/// tokio's millisecond timer tick) before running what it has.
+///
+/// `None` once the queue is closed and empty.
+async fn gather(
+    rx: &mut mpsc::Receiver<Job>,
+    idle: &Arc<Semaphore>,
+    limits: Limits,
+) -> Option<Sealed> {
     let first = rx.recv().await?;
     let deadline = tokio::time::Instant::now() + limits.max_wait;
     let mut batch = vec![first];
-    while batch.len() < limits.max_batch_size {
-        match rx.try_recv() {
-            Ok(job) => {
-                batch.push(job);
-                continue;
+    // An image that must wait for a session gets no extra wait for company.
+    let mut may_seal = limits.max_wait.is_zero() || idle.available_permits() == 0;
+    let mut open = true;
+    loop {
+        while open && batch.len() < limits.max_batch_size {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {}
         }
-        if limits.max_wait.is_zero() {
-            break;
-        }
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(job)) => batch.push(job),
-            Ok(None) | Err(_) => break,
+        let full = !open || batch.len() >= limits.max_batch_size;
+        tokio::select! {
+            biased;
+            permit = Arc::clone(idle).acquire_owned(), if may_seal || full => {
+                // The semaphore is never closed; were it, the callers hear of a shutdown.
+                return match permit {
+                    Ok(permit) => Some((batch, permit)),
+                    Err(_) => None,
+                };
+            }
+            job = rx.recv(), if !full => match job {
+                Some(job) => batch.push(job),
+                None => open = false,
+            },
+            () = tokio::time::sleep_until(deadline), if !may_seal => may_seal = true,
         }
     }
-    Some(batch)
 }
 
 async fn batching_task(
     mut rx: mpsc::Receiver<Job>,
-    batch_tx: mpsc::Sender<Vec<Job>>,
+    batch_tx: mpsc::Sender<Sealed>,
+    idle: Arc<Semaphore>,
     limits: Limits,
     model: String,
     metrics: Arc<Metrics>,
 ) {
     let depth = metrics.queue_depth.with_label_values(&[&model]);
-    while let Some(mut batch) = gather(&mut rx, limits).await {
+    while let Some((mut batch, session)) = gather(&mut rx, &idle, limits).await {
         depth.set(rx.len() as i64);
         // Callers that gave up (timeout, disconnect) need no inference.
         batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
-        if let Err(mpsc::error::SendError(batch)) = batch_tx.send(batch).await {
+        if let Err(mpsc::error::SendError((batch, _))) = batch_tx.send((batch, session)).await {
             for job in batch {
                 let _ = job.reply.send(Err(BatchError::Closed(model.clone())));
             }
@@ -285,7 +316,7 @@ async fn batching_task(
 
 fn worker<R: Runner>(
     mut runner: R,
-    rx: Arc<Mutex<mpsc::Receiver<Vec<Job>>>>,
+    rx: Arc<Mutex<mpsc::Receiver<Sealed>>>,
     shape: [usize; 3],
     model: &str,
     metrics: &Metrics,
@@ -296,8 +327,10 @@ fn worker<R: Runner>(
             Ok(mut guard) => guard.blocking_recv(),
             Err(poisoned) => poisoned.into_inner().blocking_recv(),
         };
-        let Some(batch) = next else { break };
+        let Some((batch, session)) = next else { break };
         run_batch(&mut runner, batch, shape, model, metrics);
+        // Free for the next batch, which has been filling meanwhile.
+        drop(session);
     }
     tracing::debug!(model, "session thread stopped");
 }
@@ -470,6 +503,30 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_millis(45));
         assert_eq!(*sizes.lock().unwrap(), vec![2, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_keeps_filling_while_the_session_is_busy() {
+        let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
+        let (mut f, sizes) = fake();
+        f.gate = Some(Arc::new(Mutex::new(gate_rx)));
+        let b = Batcher::start("m", vec![f], [1, 1, 1], limits(8, 5, 64), metrics());
+        let mut replies = b.submit(vec![vec![0.0]]).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The session is held by the first batch; these arrive twice max_wait apart.
+        for i in 1..10 {
+            replies.extend(b.submit(vec![vec![i as f32]]).unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let every batch run from here on.
+        drop(gate_tx);
+        let mut got = Vec::new();
+        for r in replies {
+            got.push(r.await.unwrap().unwrap().outputs[1][0]);
+        }
+        assert_eq!(got, (0..10).map(|i| i as f32).collect::<Vec<_>>());
+        // Not sealed at max_wait while the session was busy, and never past max_batch_size.
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 8, 1]);
     }
 
     #[tokio::test]

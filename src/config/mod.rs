@@ -290,8 +290,12 @@ impl RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchingConfig {
+    /// Most images in one ONNX Runtime call.
     pub max_batch_size: usize,
+    /// How long a batch's first image waits for company while a session is idle; a batch
+    /// keeps filling anyway while every session is busy (`batch::gather`).
     pub max_wait_us: u64,
+    /// Images that may wait in a model's queue before requests are answered 429.
     pub queue_capacity: usize,
 }
 

@@ -26,7 +26,7 @@ fn defaults_load_and_match_runtime_default() {
     assert_eq!(s.server.listen, "127.0.0.1:8080");
     assert_eq!(s.server.body_limit_bytes, 8 << 20);
     assert_eq!(s.batching.max_batch_size, 32);
-    assert_eq!(s.batching.max_wait_us, 500);
+    assert_eq!(s.batching.max_wait_us, 0);
     assert_eq!(s.models.default_name(), "fashion-csg");
     assert_eq!(s.models.list.len(), 1);
     assert_eq!(s.models.list[0].score, ScoreKind::Combined);
@@ -66,7 +66,7 @@ fn layers_override_in_order() {
     );
     let env = [
         ("CSGD_SERVER__LISTEN", "127.0.0.1:9001"),
-        ("CSGD_BATCHING__MAX_WAIT_US", "0"),
+        ("CSGD_BATCHING__MAX_WAIT_US", "250"),
         ("CSGD_RUNTIME__EXECUTION_PROVIDERS", "cpu"),
         ("CSGD_TEST_MODEL", "ignored: no section separator"),
     ];
@@ -74,7 +74,7 @@ fn layers_override_in_order() {
     assert_eq!(s.server.listen, "127.0.0.1:9001"); // env beats file
     assert_eq!(s.server.max_pixels, 100); // file beats default
     assert_eq!(s.batching.max_batch_size, 8);
-    assert_eq!(s.batching.max_wait_us, 0);
+    assert_eq!(s.batching.max_wait_us, 250);
     assert_eq!(s.runtime.execution_providers, vec![Provider::Cpu]);
     o.listen = Some("127.0.0.1:9002".into());
     o.set = vec![("batching.max_batch_size".into(), "4".into())];
