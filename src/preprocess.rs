@@ -7,7 +7,9 @@
 //! the per-channel mean and std, laid out CHW. Raw tensors (JSON arrays) are checked for shape
 //! and finiteness and passed through, for clients that preprocess themselves.
 //!
-//! All functions are synchronous and CPU-bound; the HTTP layer runs them off its I/O threads.
+//! All functions are synchronous and CPU-bound; the HTTP layer runs them off its I/O threads,
+//! except for images small enough that a hand-off would cost more than the work
+//! (`threads.inline_decode_max_pixels`).
 
 use std::io::Cursor;
 
@@ -202,6 +204,17 @@ pub fn normalise_gray_u8(pixels: &[u8], spec: &InputSpec) -> Vec<f32> {
         );
     }
     out
+}
+
+/// The pixel count an encoded image's header declares, or `None` when the format or header
+/// cannot be read (decoding it would then fail with the reason). Costs a header parse, not a
+/// decode: callers use it to judge how much work a decode will be.
+pub fn declared_pixels(bytes: &[u8], content_type: Option<&str>) -> Option<u64> {
+    let format = image_format(content_type, bytes).ok()?;
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format.image_format())
+        .into_dimensions()
+        .ok()?;
+    Some(u64::from(width) * u64::from(height))
 }
 
 /// Decodes and converts one image in one step.

@@ -316,3 +316,43 @@ fn classify_answers_the_detect_class_without_the_detector() {
         404
     );
 }
+
+#[test]
+fn inline_and_pooled_decoding_give_the_same_answers() {
+    // Default: a single 28×28 image decodes on the I/O thread; 0: always the blocking pool.
+    let inline = Daemon::start(&[], &[]);
+    let pooled = Daemon::start(&[("threads.inline_decode_max_pixels", "0")], &[]);
+    let (images, _) = fashion_test(24);
+    let verdict = |text: &str| {
+        let mut r = parse(text);
+        r.as_object_mut().unwrap().remove("timings");
+        r
+    };
+    for img in &images {
+        let body = png(img);
+        let (a, ta) = inline.post("/v1/detect", "image/png", &body);
+        let (b, tb) = pooled.post("/v1/detect", "image/png", &body);
+        assert_eq!((a, b), (200, 200), "{ta} {tb}");
+        assert_eq!(verdict(&ta), verdict(&tb));
+    }
+    // A batch over the inline budget, and a broken image, answered alike by both.
+    let (content_type, body) = multipart(&images[..8].iter().map(|i| png(i)).collect::<Vec<_>>());
+    let (a, ta) = inline.post("/v1/detect", &content_type, &body);
+    let (b, tb) = pooled.post("/v1/detect", &content_type, &body);
+    assert_eq!((a, b), (200, 200), "{ta} {tb}");
+    let results = |text: &str| -> Vec<Value> {
+        parse(text)["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| verdict(&r.to_string()))
+            .collect()
+    };
+    assert_eq!(results(&ta), results(&tb));
+    let mut broken = png(&images[0]);
+    broken.truncate(broken.len() - 20);
+    let (a, ta) = inline.post("/v1/detect", "image/png", &broken);
+    let (b, tb) = pooled.post("/v1/detect", "image/png", &broken);
+    assert_eq!((a, b), (422, 422), "{ta} {tb}");
+    assert_eq!(parse(&ta)["kind"], parse(&tb)["kind"]);
+}

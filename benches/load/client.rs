@@ -56,10 +56,21 @@ impl Request {
     }
 }
 
+/// One POST of each PNG to `path`, in order.
+pub fn png_posts(pngs: &[Vec<u8>], path: &str) -> Arc<Vec<Request>> {
+    Arc::new(
+        pngs.iter()
+            .map(|p| Request::post(path, "image/png", p))
+            .collect(),
+    )
+}
+
 /// A keep-alive connection.
 pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Where the last answer's body lies in `buf`.
+    body: std::ops::Range<usize>,
 }
 
 impl Conn {
@@ -69,6 +80,7 @@ impl Conn {
         Ok(Self {
             stream,
             buf: Vec::with_capacity(8192),
+            body: 0..0,
         })
     }
 
@@ -108,7 +120,64 @@ impl Conn {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+        self.body = head_end..head_end + length;
         Ok(status)
+    }
+
+    /// The `timings` of the last answer (csgd's own time for the request, from the
+    /// handler's start to the answer built, and its queue and inference parts), when it has
+    /// them.
+    pub fn server_timings(&self) -> Option<ServerTimings> {
+        Some(ServerTimings {
+            total: self.timing(b"\"total_us\":")?,
+            queue: self.timing(b"\"queue_us\":")?,
+            inference: self.timing(b"\"inference_us\":")?,
+        })
+    }
+
+    fn timing(&self, key: &[u8]) -> Option<Duration> {
+        let body = self.buf.get(self.body.clone())?;
+        let at = find(body, key)? + key.len();
+        let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let micros = std::str::from_utf8(&body[at..at + digits])
+            .ok()?
+            .parse()
+            .ok()?;
+        Some(Duration::from_micros(micros))
+    }
+}
+
+/// What an answer's `timings` say of its request.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerTimings {
+    pub total: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+}
+
+/// p50, p90 and p99 (ms) of csgd's own timings over a run's answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerPercentiles {
+    /// `timings.total_us`: from the handler's start to the answer built.
+    pub total_ms: [f64; 3],
+    /// `timings.queue_us`: from the batching queue to the start of the ONNX Runtime call.
+    pub queue_ms: [f64; 3],
+    /// `timings.inference_us`: that call.
+    pub inference_ms: [f64; 3],
+}
+
+impl ServerPercentiles {
+    fn of(timings: &[ServerTimings]) -> Self {
+        let of = |f: fn(&ServerTimings) -> Duration| {
+            let mut v: Vec<Duration> = timings.iter().map(f).collect();
+            v.sort_unstable();
+            [0.5, 0.9, 0.99].map(|q| percentile(&v, q))
+        };
+        Self {
+            total_ms: of(|t| t.total),
+            queue_ms: of(|t| t.queue),
+            inference_ms: of(|t| t.inference),
+        }
     }
 }
 
@@ -127,6 +196,11 @@ pub struct Run {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    /// The same percentiles of csgd's own timings, where every answer carries them
+    /// (fixed-rate runs): how much of the latency is spent inside its handler rather than in
+    /// the kernel, the HTTP I/O or the load generator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerPercentiles>,
 }
 
 /// The `q` quantile of sorted latencies, in milliseconds.
@@ -147,6 +221,7 @@ fn summarise(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> Run {
         p50_ms: percentile(&lat, 0.50),
         p90_ms: percentile(&lat, 0.90),
         p99_ms: percentile(&lat, 0.99),
+        server: None,
     }
 }
 
@@ -192,6 +267,8 @@ pub async fn closed_loop(
 pub struct Answer {
     pub status: Option<u16>,
     pub latency: Duration,
+    /// [`Conn::server_timings`] of the answer.
+    pub server: Option<ServerTimings>,
 }
 
 /// Requests at a fixed `rate` per second for `secs`, spread over `conns` connections (each
@@ -228,12 +305,15 @@ pub async fn scheduled(
                     Some(open) => open.call(&requests[slot % requests.len()]).await.ok(),
                     None => None,
                 };
+                let latency = from.elapsed();
+                let server = conn.as_ref().and_then(Conn::server_timings);
                 if status.is_none() {
                     conn = None;
                 }
                 answers.push(Answer {
                     status,
-                    latency: from.elapsed(),
+                    latency,
+                    server,
                 });
             }
             answers
@@ -256,15 +336,23 @@ pub async fn open_loop(
     secs: Duration,
 ) -> Result<Run> {
     let answers = scheduled(addr, requests, conns, rate, secs).await?;
-    let (mut lat, mut errors) = (Vec::new(), 0);
+    let (mut lat, mut server, mut errors) = (Vec::new(), Vec::new(), 0);
     for answer in answers {
         match answer.status {
-            Some(200) => lat.push(answer.latency),
+            Some(200) => {
+                lat.push(answer.latency);
+                server.extend(answer.server);
+            }
             Some(_) => errors += 1,
             None => bail!("a connection failed during the fixed-rate run"),
         }
     }
-    Ok(summarise(lat, errors, secs))
+    let complete = server.len() == lat.len();
+    let mut run = summarise(lat, errors, secs);
+    if complete {
+        run.server = Some(ServerPercentiles::of(&server));
+    }
+    Ok(run)
 }
 
 async fn gather(

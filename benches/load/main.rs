@@ -10,6 +10,7 @@ mod client;
 mod cost;
 mod daemon;
 mod forward;
+mod latency;
 mod limit;
 mod reliability;
 mod report;
@@ -66,6 +67,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Latency A/B: daemons with different settings, alternating rounds at one load level.
+    Latency(latency::LatencyArgs),
     /// Merge suite results into one JSON file and a Markdown table.
     Table {
         inputs: Vec<PathBuf>,
@@ -162,6 +165,13 @@ fn main() -> Result<()> {
             std::fs::write(&args.out, serde_json::to_string_pretty(&result)?)
                 .with_context(|| format!("writing {}", args.out.display()))?;
             println!("{}", serde_json::to_string_pretty(&result["summary"])?);
+            Ok(())
+        }
+        Some(Cmd::Latency(args)) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(latency::run(&args))?;
             Ok(())
         }
         Some(Cmd::Suite(args)) => {
@@ -403,15 +413,8 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
     let unbatched = Daemon::start(&spec(&["batching.max_batch_size=1"])).await?;
     ready.push(unbatched.ready_after.as_secs_f64());
 
-    let body = |path: &str| -> Arc<Vec<Request>> {
-        Arc::new(
-            pngs.iter()
-                .map(|p| Request::post(path, "image/png", p))
-                .collect(),
-        )
-    };
-    let detect = body("/v1/models/bench/detect");
-    let classify = body("/v1/models/bench/classify");
+    let detect = client::png_posts(&pngs, "/v1/models/bench/detect");
+    let classify = client::png_posts(&pngs, "/v1/models/bench/classify");
     // Warm both daemons (first requests allocate buffers), then read idle memory.
     let warm = Duration::from_millis(500);
     client::closed_loop(

@@ -126,11 +126,7 @@ fn open_fds(daemon: &Daemon) -> Result<usize> {
 pub async fn run(a: &ReliabilityArgs) -> Result<serde_json::Value> {
     let meta = csgd::runtime::read_bundle_meta(&a.model)?;
     let pngs = request_pngs(&meta, 16)?;
-    let detect: Arc<Vec<Request>> = Arc::new(
-        pngs.iter()
-            .map(|p| Request::post("/v1/detect", "image/png", p))
-            .collect(),
-    );
+    let detect = client::png_posts(&pngs, "/v1/detect");
     let daemon = Daemon::start(&Spec {
         csgd: a.csgd.clone(),
         model_name: "fashion-csg".into(),

@@ -82,11 +82,18 @@ pub(super) async fn read_images(
     let spec = model.meta.input.clone();
     let max_pixels = server.max_pixels;
     let pre_started = Instant::now();
-    let (tensors, json_batched) = blocking(move || match inputs {
-        Inputs::Images(images) => Ok((preprocess_images(&images, &spec, max_pixels)?, false)),
-        Inputs::Json(bytes) => preprocess_json(&bytes, &spec, max_pixels, max_images),
-    })
-    .await?;
+    let (tensors, json_batched) = match inputs {
+        Inputs::Images(images) => {
+            let inline_max = state.settings.threads.inline_decode_max_pixels;
+            (
+                preprocess_encoded(images, spec, max_pixels, inline_max).await?,
+                false,
+            )
+        }
+        Inputs::Json(bytes) => {
+            blocking(move || preprocess_json(&bytes, &spec, max_pixels, max_images)).await?
+        }
+    };
     batched |= json_batched;
     let preprocess = pre_started.elapsed();
     state
@@ -219,7 +226,49 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("preprocessing task failed: {e}")))?
 }
 
-/// Decodes and preprocesses encoded images (blocking: call from the blocking pool).
+/// Decodes and preprocesses encoded images: right here when they are small enough
+/// ([`decodes_inline`]), on the blocking pool otherwise.
+pub(crate) async fn preprocess_encoded(
+    images: Vec<Encoded>,
+    spec: csg_bundle::InputSpec,
+    max_pixels: u64,
+    inline_max_pixels: u64,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    if decodes_inline(&images, &spec, inline_max_pixels) {
+        preprocess_images(&images, &spec, max_pixels)
+    } else {
+        blocking(move || preprocess_images(&images, &spec, max_pixels)).await
+    }
+}
+
+/// Whether decoding `images` is cheaper than handing them to the blocking pool: every
+/// header readable, and the pixels decoded from and resized to (the image's or the model
+/// input's, whichever is more), summed over the images, at most `max_pixels`
+/// (`threads.inline_decode_max_pixels`; 0: never).
+pub(crate) fn decodes_inline(
+    images: &[Encoded],
+    spec: &csg_bundle::InputSpec,
+    max_pixels: u64,
+) -> bool {
+    if max_pixels == 0 {
+        return false;
+    }
+    let input = (spec.height * spec.width) as u64;
+    let mut total = 0u64;
+    for (bytes, content_type) in images {
+        let Some(pixels) = preprocess::declared_pixels(bytes, content_type.as_deref()) else {
+            return false;
+        };
+        total = total.saturating_add(pixels.max(input));
+        if total > max_pixels {
+            return false;
+        }
+    }
+    true
+}
+
+/// Decodes and preprocesses encoded images (blocking: call from the blocking pool, or
+/// through [`preprocess_encoded`]).
 pub(crate) fn preprocess_images(
     images: &[Encoded],
     spec: &csg_bundle::InputSpec,
@@ -318,4 +367,47 @@ pub(crate) fn decode_base64_text(text: &str) -> Result<Encoded, ApiError> {
         .decode(data.as_bytes())
         .map_err(|e| ApiError::malformed(format!("invalid base64: {e}")))?;
     Ok((Bytes::from(bytes), content_type.filter(|t| !t.is_empty())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn spec(side: usize) -> csg_bundle::InputSpec {
+        csg_bundle::InputSpec {
+            layout: "NCHW".into(),
+            channels: 1,
+            height: side,
+            width: side,
+            value_range: [0.0, 1.0],
+            mean: vec![0.0],
+            std: vec![1.0],
+        }
+    }
+
+    fn png(width: u32, height: u32) -> Encoded {
+        let image = image::DynamicImage::ImageLuma8(image::GrayImage::new(width, height));
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        (Bytes::from(out.into_inner()), Some("image/png".into()))
+    }
+
+    #[test]
+    fn small_requests_decode_inline_and_the_rest_on_the_pool() {
+        let tiny = spec(28);
+        // 28×28 images for a 28×28 model: five fit in 4,096 pixels, six do not.
+        assert!(decodes_inline(&[png(28, 28)], &tiny, 4096));
+        assert!(decodes_inline(&vec![png(28, 28); 5], &tiny, 4096));
+        assert!(!decodes_inline(&vec![png(28, 28); 6], &tiny, 4096));
+        // The image's own size counts when it is larger than the model's input...
+        assert!(decodes_inline(&[png(64, 64)], &tiny, 4096));
+        assert!(!decodes_inline(&[png(65, 64)], &tiny, 4096));
+        // ...and the model's input when the image is smaller (the resize writes it).
+        assert!(!decodes_inline(&[png(28, 28)], &spec(128), 4096));
+        // 0 turns it off; an unreadable header goes to the pool, which reports it.
+        assert!(!decodes_inline(&[png(28, 28)], &tiny, 0));
+        let garbage = (Bytes::from_static(b"not an image"), None);
+        assert!(!decodes_inline(&[garbage], &tiny, 4096));
+    }
 }

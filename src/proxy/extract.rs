@@ -18,6 +18,8 @@ use crate::oip;
 pub struct Limits {
     pub max_pixels: u64,
     pub max_images: usize,
+    /// `threads.inline_decode_max_pixels`.
+    pub inline_decode_max_pixels: u64,
 }
 
 /// The tensors of every image the request carries where `source` and `field` say.
@@ -42,9 +44,12 @@ pub async fn tensors(
                     "empty request body: this route expects an image",
                 ));
             }
-            input::blocking(move || {
-                input::preprocess_images(&[(bytes, content_type)], &spec, limits.max_pixels)
-            })
+            input::preprocess_encoded(
+                vec![(bytes, content_type)],
+                spec,
+                limits.max_pixels,
+                limits.inline_decode_max_pixels,
+            )
             .await
         }
         ImageSource::Multipart => {
@@ -57,8 +62,13 @@ pub async fn tensors(
                     None => "the multipart body has no parts".to_owned(),
                 }));
             }
-            input::blocking(move || input::preprocess_images(&images, &spec, limits.max_pixels))
-                .await
+            input::preprocess_encoded(
+                images,
+                spec,
+                limits.max_pixels,
+                limits.inline_decode_max_pixels,
+            )
+            .await
         }
         ImageSource::Json => {
             input::blocking(move || json_images(&bytes, &field, &spec, limits)).await
@@ -144,6 +154,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_pixels: 1 << 20,
         max_images: 4,
+        inline_decode_max_pixels: 4096,
     };
 
     async fn run(

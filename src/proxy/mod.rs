@@ -178,6 +178,7 @@ async fn judge(app: &AppState, route: &Route, parts: &Parts, bytes: Bytes) -> Ju
     let limits = extract::Limits {
         max_pixels: server.max_pixels,
         max_images: server.max_images_per_request,
+        inline_decode_max_pixels: app.settings.threads.inline_decode_max_pixels,
     };
     let work = async {
         let tensors = extract::tensors(
