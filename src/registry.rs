@@ -9,12 +9,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use csg_bundle::BundleMeta;
 use ndarray::Array4;
 
 use crate::batch::{Batcher, Limits, ModelRunner, Runner};
-use crate::config::{ModelEntry, Settings};
+use crate::config::{ModelEntry, Provider, RuntimeConfig, SPIN_FROM_FORWARD, Settings, Spinning};
 use crate::detect::{DetectError, Detector};
 use crate::explain::{ExplainError, ExplainSession, Explainer};
 use crate::metrics::{Metrics, VerdictMetrics};
@@ -43,6 +44,7 @@ pub struct ServedModel {
     pub detector: Detector,
     pub provider: String,
     pub sessions: usize,
+    pub spinning: SpinningChoice,
     /// Graph outputs fetched per image: `logits`, then the detector's stage outputs.
     pub outputs: Vec<String>,
     pub batcher: Batcher,
@@ -102,7 +104,37 @@ pub struct Loaded {
     detector: Detector,
     /// One runner per session, each warmed up.
     runners: Vec<ModelRunner>,
+    spinning: SpinningChoice,
     explain: Result<ExplainSession, String>,
+}
+
+/// How a model's inference sessions were made as to `runtime.intra_op_spinning`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpinningChoice {
+    /// As configured.
+    pub mode: Spinning,
+    /// Whether the sessions' intra-op threads spin.
+    pub enabled: bool,
+    /// Under `auto`: the forward pass of one image it was decided on.
+    pub forward: Option<Duration>,
+}
+
+/// Forward passes timed for `runtime.intra_op_spinning = "auto"`; the median decides.
+const FORWARD_PROBES: usize = 5;
+
+/// The median time of [`FORWARD_PROBES`] one-image batches through `runner` (already warmed
+/// up), the path requests take.
+fn forward_time(runner: &mut ModelRunner, meta: &BundleMeta) -> Result<Duration, String> {
+    let spec = &meta.input;
+    let input = Array4::<f32>::zeros((1, spec.channels, spec.height, spec.width));
+    let mut times = Vec::with_capacity(FORWARD_PROBES);
+    for _ in 0..FORWARD_PROBES {
+        let started = Instant::now();
+        runner.run(input.view())?;
+        times.push(started.elapsed());
+    }
+    times.sort_unstable();
+    Ok(times[times.len() / 2])
 }
 
 /// Model paths are relative to the working directory.
@@ -151,22 +183,69 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
         // The inference sessions compute only what the detector reads.
         let outputs = detector.fetched_outputs(&meta.outputs.logits);
         let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        let models = Model::load_sessions_for(
-            &path,
-            &settings.runtime,
-            &names,
-            settings.runtime.sessions_per_model,
-        )
-        .map_err(runtime_err)?;
-        let mut runners = Vec::new();
-        for model in models {
-            let mut runner = ModelRunner::new(model, &detector);
-            warm_up(&mut runner, &meta, &detector).map_err(|message| RegistryError::Warmup {
-                name: name.clone(),
-                message,
-            })?;
-            runners.push(runner);
-        }
+        let load = |runtime: &RuntimeConfig| -> Result<Vec<ModelRunner>, RegistryError> {
+            let models =
+                Model::load_sessions_for(&path, runtime, &names, runtime.sessions_per_model)
+                    .map_err(runtime_err)?;
+            let mut runners = Vec::new();
+            for model in models {
+                let mut runner = ModelRunner::new(model, &detector);
+                warm_up(&mut runner, &meta, &detector).map_err(|message| {
+                    RegistryError::Warmup {
+                        name: name.clone(),
+                        message,
+                    }
+                })?;
+                runners.push(runner);
+            }
+            Ok(runners)
+        };
+        let (runners, spinning) = match settings.runtime.intra_op_spinning {
+            Spinning::Auto
+                if settings.runtime.execution_providers.first() == Some(&Provider::Cpu) =>
+            {
+                // Created spinning, so that the measurement is of the work, not of the wake-ups;
+                // remade without when the work is too small to pay for it.
+                let spinning = RuntimeConfig {
+                    intra_op_spinning: Spinning::On,
+                    ..settings.runtime.clone()
+                };
+                let mut runners = load(&spinning)?;
+                let forward = match runners.first_mut() {
+                    Some(runner) => {
+                        forward_time(runner, &meta).map_err(|message| RegistryError::Warmup {
+                            name: name.clone(),
+                            message,
+                        })?
+                    }
+                    None => Duration::ZERO,
+                };
+                let enabled = forward >= SPIN_FROM_FORWARD;
+                if !enabled {
+                    drop(runners);
+                    runners = load(&RuntimeConfig {
+                        intra_op_spinning: Spinning::Off,
+                        ..settings.runtime.clone()
+                    })?;
+                }
+                (
+                    runners,
+                    SpinningChoice {
+                        mode: Spinning::Auto,
+                        enabled,
+                        forward: Some(forward),
+                    },
+                )
+            }
+            mode => (
+                load(&settings.runtime)?,
+                SpinningChoice {
+                    mode,
+                    enabled: mode.at_creation(),
+                    forward: None,
+                },
+            ),
+        };
         let Some(provider) = runners.first().map(|r| r.model().provider().to_owned()) else {
             return Err(RegistryError::Warmup {
                 name,
@@ -183,6 +262,8 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
             calibrated = detector.is_calibrated(),
             score = detector.score_name(),
             explain = explain.is_ok(),
+            intra_op_spinning = spinning.enabled,
+            forward_ms = spinning.forward.map(|f| f.as_secs_f64() * 1e3),
             "model loaded and warmed up"
         );
         loaded.push(Loaded {
@@ -191,6 +272,7 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
             meta,
             detector,
             runners,
+            spinning,
             explain,
         });
     }
@@ -301,6 +383,7 @@ pub fn start(loaded: Vec<Loaded>, settings: &Settings, metrics: &Arc<Metrics>) -
             detector: l.detector,
             provider,
             sessions,
+            spinning: l.spinning,
             outputs,
             batcher,
             verdict_metrics,

@@ -463,7 +463,7 @@ fn create_session(
             })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
             .and_then(|b| {
-                b.with_intra_op_spinning(cfg.intra_op_spinning)
+                b.with_intra_op_spinning(cfg.intra_op_spinning.at_creation())
                     .map_err(Into::into)
             })
             .map_err(|e: ort::Error| session_err(e.to_string()))?;

@@ -356,3 +356,33 @@ fn inline_and_pooled_decoding_give_the_same_answers() {
     assert_eq!((a, b), (422, 422), "{ta} {tb}");
     assert_eq!(parse(&ta)["kind"], parse(&tb)["kind"]);
 }
+
+#[test]
+fn intra_op_spinning_follows_the_config_and_the_measured_forward_pass() {
+    let info = |d: &Daemon| -> Value {
+        let (status, text) = d.get(&format!("/v1/models/{MODEL}"));
+        assert_eq!(status, 200, "{text}");
+        parse(&text)["intra_op_spinning"].clone()
+    };
+    // auto: decided on one image's forward pass, timed at load.
+    let auto = info(&Daemon::start(&[], &[]));
+    assert_eq!(auto["mode"], "auto", "{auto}");
+    let forward_ms = auto["forward_ms"]
+        .as_f64()
+        .expect("auto reports its measurement");
+    assert!(forward_ms > 0.0, "{auto}");
+    let threshold_ms = csgd::config::SPIN_FROM_FORWARD.as_secs_f64() * 1e3;
+    assert_eq!(auto["enabled"], json!(forward_ms >= threshold_ms), "{auto}");
+    // on and off are taken as said, unmeasured; a spinning session answers as any other.
+    let (images, labels) = fashion_test(1);
+    for (mode, enabled) in [("on", true), ("off", false)] {
+        let d = Daemon::start(&[("runtime.intra_op_spinning", mode)], &[]);
+        assert_eq!(
+            info(&d),
+            json!({"mode": mode, "enabled": enabled, "forward_ms": null})
+        );
+        let (status, text) = d.post("/v1/detect", "image/png", &png(&images[0]));
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(parse(&text)["class_id"], json!(labels[0]), "{text}");
+    }
+}

@@ -367,7 +367,11 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
             ort_library: a.ort_library.display().to_string(),
             execution_providers: a.providers.clone(),
             trt_engine_cache: a.trt_engine_cache.clone(),
-            intra_op_spinning: spinning,
+            intra_op_spinning: if spinning {
+                csgd::config::Spinning::On
+            } else {
+                csgd::config::Spinning::Off
+            },
             ..Default::default()
         };
         let mut candidate = limit::Limit::load(&a.model, &runtime)?;

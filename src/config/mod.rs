@@ -186,6 +186,58 @@ impl Provider {
     }
 }
 
+/// Whether ONNX Runtime's idle intra-op threads busy-wait (spin) for the next piece of work
+/// instead of sleeping (`runtime.intra_op_spinning`).
+///
+/// Neither is right for every model, as measured on two cores (README, Performance): for the
+/// tiny Fashion-MNIST model, spinning threads took a fifth of the CPU from decoding and HTTP
+/// and made the tail at half load several times longer; for a ResNet-18 at 128×128, threads
+/// that sleep between the operators of one call are woken late, and one image took 8 ms
+/// instead of 4 ms at low load. `auto` measures the model's forward pass at load and spins
+/// only where one image takes at least [`SPIN_FROM_FORWARD`]: there the spinning is a small
+/// share of real work. Written `"auto"`, `"on"`/`true` or `"off"`/`false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spinning {
+    Off,
+    On,
+    Auto,
+}
+
+/// Under [`Spinning::Auto`], a model whose forward pass of one image takes at least this long
+/// gets spinning threads (the tiny model takes about 0.2 ms, ResNet-18 at 128×128 about 4 ms).
+pub const SPIN_FROM_FORWARD: Duration = Duration::from_millis(1);
+
+impl Spinning {
+    /// What a session is created with before (or without) `auto`'s measurement: off.
+    pub fn at_creation(self) -> bool {
+        self == Spinning::On
+    }
+}
+
+impl<'de> Deserialize<'de> for Spinning {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Word(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Flag(true) => Ok(Spinning::On),
+            Written::Flag(false) => Ok(Spinning::Off),
+            Written::Word(word) => match word.trim().to_ascii_lowercase().as_str() {
+                "on" | "true" => Ok(Spinning::On),
+                "off" | "false" => Ok(Spinning::Off),
+                "auto" => Ok(Spinning::Auto),
+                other => Err(serde::de::Error::custom(format!(
+                    "intra_op_spinning must be \"auto\", \"on\" or \"off\" (or true/false), not {other:?}"
+                ))),
+            },
+        }
+    }
+}
+
 /// How models are run. Also used by `csgd calibrate`, hence its own [`Default`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,9 +252,8 @@ pub struct RuntimeConfig {
     pub trt_engine_cache: String,
     /// 0: cores / sessions_per_model.
     pub intra_op_threads: usize,
-    /// Whether idle intra-op threads busy-wait for work (ONNX Runtime's default); off by
-    /// default: spinning took a fifth of the CPU from decoding and HTTP under load (README).
-    pub intra_op_spinning: bool,
+    /// Whether idle intra-op threads busy-wait for work; `auto` by default (see [`Spinning`]).
+    pub intra_op_spinning: Spinning,
     pub sessions_per_model: usize,
 }
 
@@ -217,7 +268,7 @@ impl Default for RuntimeConfig {
             trt_fp16: false,
             trt_engine_cache: String::new(),
             intra_op_threads: 0,
-            intra_op_spinning: false,
+            intra_op_spinning: Spinning::Auto,
             sessions_per_model: 1,
         }
     }

@@ -361,3 +361,45 @@ fn proxy_mistakes_name_their_key() {
         assert!(load(&o, &[]).is_err(), "{text}");
     }
 }
+
+#[test]
+fn spinning_is_auto_by_default_and_takes_words_or_booleans() {
+    assert_eq!(
+        Settings::defaults().unwrap().runtime.intra_op_spinning,
+        Spinning::Auto
+    );
+    let spinning = |toml: &str| -> Result<Spinning, String> {
+        let (_f, o) = with_file(&format!("[runtime]\nintra_op_spinning = {toml}\n"));
+        load(&o, &[])
+            .map(|s| s.runtime.intra_op_spinning)
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(spinning("true"), Ok(Spinning::On));
+    assert_eq!(spinning("false"), Ok(Spinning::Off));
+    assert_eq!(spinning("\"on\""), Ok(Spinning::On));
+    assert_eq!(spinning("\"Off\""), Ok(Spinning::Off));
+    assert_eq!(spinning("\"auto\""), Ok(Spinning::Auto));
+    let e = spinning("\"sometimes\"").unwrap_err();
+    assert!(
+        e.contains("intra_op_spinning") && e.contains("sometimes"),
+        "{e}"
+    );
+    // From the environment and `--set`, everything arrives as text.
+    let env = load(
+        &Overrides::default(),
+        &[("CSGD_RUNTIME__INTRA_OP_SPINNING", "true")],
+    )
+    .unwrap();
+    assert_eq!(env.runtime.intra_op_spinning, Spinning::On);
+    let set = Overrides {
+        set: vec![("runtime.intra_op_spinning".into(), "off".into())],
+        ..Overrides::default()
+    };
+    assert_eq!(
+        load(&set, &[]).unwrap().runtime.intra_op_spinning,
+        Spinning::Off
+    );
+    // Only `on` spins from the start; `auto` decides after measuring.
+    assert!(Spinning::On.at_creation());
+    assert!(!Spinning::Off.at_creation() && !Spinning::Auto.at_creation());
+}

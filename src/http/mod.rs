@@ -235,6 +235,11 @@ fn describe(model: &ServedModel) -> Value {
         "gate": meta.gate.as_ref().map(|g| json!({"filters": g.filters, "classes": g.classes, "density": g.density()})),
         "provider": model.provider,
         "sessions": model.sessions,
+        "intra_op_spinning": {
+            "mode": model.spinning.mode,
+            "enabled": model.spinning.enabled,
+            "forward_ms": model.spinning.forward.map(|f| f.as_secs_f64() * 1e3),
+        },
         "outputs": model.outputs,
         "calibrated": detector.is_calibrated(),
         "score": detector.score_name(),
