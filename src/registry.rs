@@ -7,7 +7,7 @@
 //! batching tasks start on the async runtime once everything works ([`start`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -180,72 +180,8 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
                 name: name.clone(),
                 error,
             })?;
-        // The inference sessions compute only what the detector reads.
-        let outputs = detector.fetched_outputs(&meta.outputs.logits);
-        let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        let load = |runtime: &RuntimeConfig| -> Result<Vec<ModelRunner>, RegistryError> {
-            let models =
-                Model::load_sessions_for(&path, runtime, &names, runtime.sessions_per_model)
-                    .map_err(runtime_err)?;
-            let mut runners = Vec::new();
-            for model in models {
-                let mut runner = ModelRunner::new(model, &detector);
-                warm_up(&mut runner, &meta, &detector).map_err(|message| {
-                    RegistryError::Warmup {
-                        name: name.clone(),
-                        message,
-                    }
-                })?;
-                runners.push(runner);
-            }
-            Ok(runners)
-        };
-        let (runners, spinning) = match settings.runtime.intra_op_spinning {
-            Spinning::Auto
-                if settings.runtime.execution_providers.first() == Some(&Provider::Cpu) =>
-            {
-                // Created spinning, so that the measurement is of the work, not of the wake-ups;
-                // remade without when the work is too small to pay for it.
-                let spinning = RuntimeConfig {
-                    intra_op_spinning: Spinning::On,
-                    ..settings.runtime.clone()
-                };
-                let mut runners = load(&spinning)?;
-                let forward = match runners.first_mut() {
-                    Some(runner) => {
-                        forward_time(runner, &meta).map_err(|message| RegistryError::Warmup {
-                            name: name.clone(),
-                            message,
-                        })?
-                    }
-                    None => Duration::ZERO,
-                };
-                let enabled = forward >= SPIN_FROM_FORWARD;
-                if !enabled {
-                    drop(runners);
-                    runners = load(&RuntimeConfig {
-                        intra_op_spinning: Spinning::Off,
-                        ..settings.runtime.clone()
-                    })?;
-                }
-                (
-                    runners,
-                    SpinningChoice {
-                        mode: Spinning::Auto,
-                        enabled,
-                        forward: Some(forward),
-                    },
-                )
-            }
-            mode => (
-                load(&settings.runtime)?,
-                SpinningChoice {
-                    mode,
-                    enabled: mode.at_creation(),
-                    forward: None,
-                },
-            ),
-        };
+        let (runners, spinning) =
+            inference_runners(&name, &path, &meta, &detector, &settings.runtime)?;
         let Some(provider) = runners.first().map(|r| r.model().provider().to_owned()) else {
             return Err(RegistryError::Warmup {
                 name,
@@ -279,12 +215,76 @@ pub fn load_sessions(settings: &Settings) -> Result<Vec<Loaded>, RegistryError> 
     Ok(loaded)
 }
 
+/// The model's inference sessions, each warmed up, whose intra-op threads spin or sleep as
+/// `runtime.intra_op_spinning` says: under `auto` (on the CPU provider) as one image's
+/// forward pass, timed here, is slower than [`SPIN_FROM_FORWARD`] or not.
+fn inference_runners(
+    name: &str,
+    path: &Path,
+    meta: &BundleMeta,
+    detector: &Detector,
+    runtime: &RuntimeConfig,
+) -> Result<(Vec<ModelRunner>, SpinningChoice), RegistryError> {
+    // The inference sessions compute only what the detector reads.
+    let outputs = detector.fetched_outputs(&meta.outputs.logits);
+    let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    let warmup_err = |message| RegistryError::Warmup {
+        name: name.to_owned(),
+        message,
+    };
+    let load = |spinning: Spinning| -> Result<Vec<ModelRunner>, RegistryError> {
+        let runtime = RuntimeConfig {
+            intra_op_spinning: spinning,
+            ..runtime.clone()
+        };
+        let models = Model::load_sessions_for(path, &runtime, &names, runtime.sessions_per_model)
+            .map_err(|error| RegistryError::Runtime {
+            name: name.to_owned(),
+            error,
+        })?;
+        let mut runners = Vec::new();
+        for model in models {
+            let mut runner = ModelRunner::new(model, detector);
+            warm_up(&mut runner, meta, detector).map_err(warmup_err)?;
+            runners.push(runner);
+        }
+        Ok(runners)
+    };
+    let mode = runtime.intra_op_spinning;
+    if mode != Spinning::Auto || runtime.execution_providers.first() != Some(&Provider::Cpu) {
+        let choice = SpinningChoice {
+            mode,
+            enabled: mode.at_creation(),
+            forward: None,
+        };
+        return Ok((load(mode)?, choice));
+    }
+    // Created spinning, so that the time measured is the work's, not the wake-ups'; made
+    // again with sleeping threads where the work is too small to pay for the spinning.
+    let mut runners = load(Spinning::On)?;
+    let forward = match runners.first_mut() {
+        Some(runner) => forward_time(runner, meta).map_err(warmup_err)?,
+        None => Duration::ZERO,
+    };
+    let enabled = forward >= SPIN_FROM_FORWARD;
+    if !enabled {
+        drop(runners);
+        runners = load(Spinning::Off)?;
+    }
+    let choice = SpinningChoice {
+        mode,
+        enabled,
+        forward: Some(forward),
+    };
+    Ok((runners, choice))
+}
+
 /// A session for explanations, when the bundle supports them. A bundle without the feature
 /// map (or, for a standard model, without the calibration that supplies its gate) is served
 /// without explanations and says why; a session that fails to load or warm up is an error.
 fn explain_session(
     name: &str,
-    path: &std::path::Path,
+    path: &Path,
     meta: &BundleMeta,
     detector: &Detector,
     settings: &Settings,
