@@ -105,9 +105,7 @@ pub fn decode_image(
     max_pixels: u64,
 ) -> Result<DynamicImage, PreprocessError> {
     let undecodable = |e: image::ImageError| PreprocessError::Undecodable(e.to_string());
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format.image_format())
-        .into_dimensions()
-        .map_err(undecodable)?;
+    let (width, height) = dimensions(bytes, format).map_err(undecodable)?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(PreprocessError::TooManyPixels {
@@ -211,10 +209,13 @@ pub fn normalise_gray_u8(pixels: &[u8], spec: &InputSpec) -> Vec<f32> {
 /// decode: callers use it to judge how much work a decode will be.
 pub fn declared_pixels(bytes: &[u8], content_type: Option<&str>) -> Option<u64> {
     let format = image_format(content_type, bytes).ok()?;
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format.image_format())
-        .into_dimensions()
-        .ok()?;
+    let (width, height) = dimensions(bytes, format).ok()?;
     Some(u64::from(width) * u64::from(height))
+}
+
+/// Width and height as the image's header declares them, read without decoding.
+fn dimensions(bytes: &[u8], format: Format) -> Result<(u32, u32), image::ImageError> {
+    ImageReader::with_format(Cursor::new(bytes), format.image_format()).into_dimensions()
 }
 
 /// Decodes and converts one image in one step.

@@ -107,7 +107,8 @@ fn cpu_jiffies() -> Result<(f64, f64)> {
     Ok((steal, values.iter().take(8).sum()))
 }
 
-pub async fn run(a: &LatencyArgs) -> Result<serde_json::Value> {
+/// Runs the A/B, prints its table and writes its JSON to `--out`, if given.
+pub async fn run(a: &LatencyArgs) -> Result<()> {
     let meta = csgd::runtime::read_bundle_meta(&a.model)?;
     let pngs = request_pngs(&meta, 16)?;
     let detect = client::png_posts(&pngs, "/v1/models/bench/detect");
@@ -241,5 +242,5 @@ pub async fn run(a: &LatencyArgs) -> Result<serde_json::Value> {
         std::fs::write(out, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
-    Ok(result)
+    Ok(())
 }

@@ -171,8 +171,7 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(latency::run(&args))?;
-            Ok(())
+            rt.block_on(latency::run(&args))
         }
         Some(Cmd::Suite(args)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -367,11 +366,7 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
             ort_library: a.ort_library.display().to_string(),
             execution_providers: a.providers.clone(),
             trt_engine_cache: a.trt_engine_cache.clone(),
-            intra_op_spinning: if spinning {
-                csgd::config::Spinning::On
-            } else {
-                csgd::config::Spinning::Off
-            },
+            intra_op_spinning: spinning.into(),
             ..Default::default()
         };
         let mut candidate = limit::Limit::load(&a.model, &runtime)?;
