@@ -41,6 +41,10 @@ pub struct LatencyArgs {
     conns: usize,
     #[arg(long, default_value_t = 64)]
     open_conns: usize,
+    /// How the fixed-rate client times its sends; repeatable: every variant is measured with
+    /// each, in the same rounds (to compare the generators themselves).
+    #[arg(long = "pacing", value_enum, default_values_t = [client::Pacing::Timer])]
+    pacings: Vec<client::Pacing>,
     /// Where the result JSON goes.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -87,6 +91,7 @@ struct Round {
 struct Summary {
     label: String,
     sets: Vec<String>,
+    pacing: client::Pacing,
     median_p50_ms: f64,
     median_p99_ms: f64,
     median_ratio: f64,
@@ -139,13 +144,26 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
         .await?;
         daemons.push(daemon);
     }
-    let mut rounds: Vec<Vec<Round>> = variants.iter().map(|_| Vec::new()).collect();
+    // An arm is a daemon measured with one pacing.
+    let arms: Vec<(usize, client::Pacing)> = (0..variants.len())
+        .flat_map(|i| a.pacings.iter().map(move |&p| (i, p)))
+        .collect();
+    let arm_label = |(i, pacing): (usize, client::Pacing)| {
+        let label = &variants[i].label;
+        if a.pacings.len() > 1 {
+            format!("{label}/{pacing:?}").to_lowercase()
+        } else {
+            label.clone()
+        }
+    };
+    let mut rounds: Vec<Vec<Round>> = arms.iter().map(|_| Vec::new()).collect();
     for round in 0..a.rounds {
-        let mut order: Vec<usize> = (0..variants.len()).collect();
+        let mut order: Vec<usize> = (0..arms.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
-        for i in order {
+        for arm in order {
+            let (i, pacing) = arms[arm];
             let daemon = &daemons[i];
             let now = client::closed_loop(
                 daemon.addr,
@@ -164,6 +182,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                 a.open_conns,
                 rate,
                 Duration::from_secs_f64(a.secs),
+                pacing,
             )
             .await?;
             let jiffies_after = cpu_jiffies()?;
@@ -182,7 +201,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                  in csgd p50/p99 {t50:.2}/{t99:.2}, queue {q50:.2}/{q99:.2}, inference \
                  {i50:.2}/{i99:.2}; batch {mean_batch:.1}, steal {:.1} %",
                 round + 1,
-                variants[i].label,
+                arm_label(arms[arm]),
                 a.fraction * 100.0,
                 now.rps,
                 run.p50_ms,
@@ -191,7 +210,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                 run.p99_ms / run.p50_ms,
                 steal * 100.0
             );
-            rounds[i].push(Round {
+            rounds[arm].push(Round {
                 saturated: now.rps,
                 rate,
                 ratio: run.p99_ms / run.p50_ms,
@@ -204,17 +223,18 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
     for daemon in daemons {
         daemon.stop();
     }
-    let summaries: Vec<Summary> = variants
-        .into_iter()
+    let summaries: Vec<Summary> = arms
+        .iter()
         .zip(rounds)
-        .map(|(v, rounds)| {
+        .map(|(&(i, pacing), rounds)| {
             let of = |f: &dyn Fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
             Summary {
                 median_p50_ms: of(&|r| r.run.p50_ms),
                 median_p99_ms: of(&|r| r.run.p99_ms),
                 median_ratio: of(&|r| r.ratio),
-                label: v.label,
-                sets: v.sets,
+                label: arm_label((i, pacing)),
+                sets: variants[i].sets.clone(),
+                pacing,
                 rounds,
             }
         })

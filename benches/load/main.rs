@@ -537,6 +537,7 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
             64,
             rate,
             Duration::from_secs_f64(a.latency_secs),
+            client::Pacing::Timer,
         )
         .await?;
         eprintln!(

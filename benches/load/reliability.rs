@@ -89,8 +89,15 @@ async fn open_loop(
     rate: f64,
     secs: f64,
 ) -> Result<Phase> {
-    let answers =
-        client::scheduled(addr, requests, conns, rate, Duration::from_secs_f64(secs)).await?;
+    let answers = client::scheduled(
+        addr,
+        requests,
+        conns,
+        rate,
+        Duration::from_secs_f64(secs),
+        client::Pacing::Timer,
+    )
+    .await?;
     let mut phase = Phase {
         rate,
         secs,
