@@ -129,22 +129,24 @@ impl Conn {
     /// handler's start to the answer built, and its queue and inference parts), when it has
     /// them.
     pub fn server_timings(&self) -> Option<ServerTimings> {
+        let micros = |key| self.number(key).map(Duration::from_micros);
         Some(ServerTimings {
-            total: self.timing(b"\"total_us\":")?,
-            queue: self.timing(b"\"queue_us\":")?,
-            inference: self.timing(b"\"inference_us\":")?,
+            total: micros(b"\"total_us\":")?,
+            queue: micros(b"\"queue_us\":")?,
+            inference: micros(b"\"inference_us\":")?,
+            batch_size: usize::try_from(self.number(b"\"batch_size\":")?).ok()?,
         })
     }
 
-    fn timing(&self, key: &[u8]) -> Option<Duration> {
+    /// The unsigned integer after `key` in the answer's body.
+    fn number(&self, key: &[u8]) -> Option<u64> {
         let body = self.buf.get(self.body.clone())?;
         let at = find(body, key)? + key.len();
         let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-        let micros = std::str::from_utf8(&body[at..at + digits])
+        std::str::from_utf8(&body[at..at + digits])
             .ok()?
             .parse()
-            .ok()?;
-        Some(Duration::from_micros(micros))
+            .ok()
     }
 }
 
@@ -154,6 +156,8 @@ pub struct ServerTimings {
     pub total: Duration,
     pub queue: Duration,
     pub inference: Duration,
+    /// Images in the batch the request ran in.
+    pub batch_size: usize,
 }
 
 /// p50, p90 and p99 (ms) of csgd's own timings over a run's answers.
@@ -165,6 +169,18 @@ pub struct ServerPercentiles {
     pub queue_ms: [f64; 3],
     /// `timings.inference_us`: that call.
     pub inference_ms: [f64; 3],
+    /// The same call split by the size of the batch it ran (sizes with at least 1 % of the
+    /// answers): whether a slow call is a large batch or a slow run of a small one.
+    pub inference_by_batch: Vec<BatchInference>,
+}
+
+/// [`ServerPercentiles::inference_by_batch`] for one batch size.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchInference {
+    pub batch_size: usize,
+    /// Share of the answers that ran in batches of this size.
+    pub share: f64,
+    pub inference_ms: [f64; 3],
 }
 
 impl ServerPercentiles {
@@ -174,10 +190,27 @@ impl ServerPercentiles {
             v.sort_unstable();
             [0.5, 0.9, 0.99].map(|q| percentile(&v, q))
         };
+        let mut by_size: std::collections::BTreeMap<usize, Vec<Duration>> = Default::default();
+        for t in timings {
+            by_size.entry(t.batch_size).or_default().push(t.inference);
+        }
+        let inference_by_batch = by_size
+            .into_iter()
+            .map(|(batch_size, mut v)| {
+                v.sort_unstable();
+                BatchInference {
+                    batch_size,
+                    share: v.len() as f64 / timings.len() as f64,
+                    inference_ms: [0.5, 0.9, 0.99].map(|q| percentile(&v, q)),
+                }
+            })
+            .filter(|b| b.share >= 0.01)
+            .collect();
         Self {
             total_ms: of(|t| t.total),
             queue_ms: of(|t| t.queue),
             inference_ms: of(|t| t.inference),
+            inference_by_batch,
         }
     }
 }

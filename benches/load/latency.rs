@@ -210,6 +210,24 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                 run.p99_ms / run.p50_ms,
                 steal * 100.0
             );
+            if let Some(server) = server {
+                let sizes: Vec<String> = server
+                    .inference_by_batch
+                    .iter()
+                    .map(|b| {
+                        let [p50, _, p99] = b.inference_ms;
+                        format!(
+                            "{} ({:.0} %) {p50:.2}/{p99:.2}",
+                            b.batch_size,
+                            b.share * 100.0
+                        )
+                    })
+                    .collect();
+                eprintln!(
+                    "         inference p50/p99 by batch size: {}",
+                    sizes.join(", ")
+                );
+            }
             rounds[arm].push(Round {
                 saturated: now.rps,
                 rate,
