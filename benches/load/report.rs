@@ -20,6 +20,19 @@ fn pct1(x: f64) -> String {
     format!("{:.1} %", x * 100.0)
 }
 
+/// `n` with a comma between thousands, as the README writes counts.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Two tables: throughput and ratios; latency, memory and start-up.
 pub fn markdown(results: &[Value]) -> String {
     let mut s = String::from(
@@ -47,7 +60,18 @@ pub fn markdown(results: &[Value]) -> String {
             num(r, &["detection_cost", "classify_cpu_us_per_image"]),
         );
     }
-    s += "\n| model | p50 / p90 / p99 ms at 25 % | at 50 % | at 90 % | p99 ÷ p50 at 50 % | RSS idle MiB | RSS, 1,000 conns | ready s | load avg before → after |\n|---|---|---|---|---|---|---|---|---|\n";
+    // The suite's --idle-conns (1,000 unless a quick run asked for fewer).
+    let conns: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r["memory_mib"]["conns"].as_u64())
+        .collect();
+    let held = match conns.first() {
+        Some(&n) if conns.iter().all(|&c| c == n) => format!("RSS, {} conns", thousands(n)),
+        _ => "RSS, open conns".to_owned(),
+    };
+    s += &format!(
+        "\n| model | p50 / p90 / p99 ms at 25 % | at 50 % | at 90 % | p99 ÷ p50 at 50 % | RSS idle MiB | {held} | ready s | load avg before → after |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
     for r in results {
         let lat = |i: usize| {
             let run = &r["latency"][i]["run"];
