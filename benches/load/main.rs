@@ -123,6 +123,10 @@ pub struct SuiteArgs {
     /// Extra `csgd serve --set KEY=VALUE` for both daemons (repeatable).
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// How the latency levels' fixed-rate client times its sends (`thread` where the machine
+    /// has cores to spare for it).
+    #[arg(long, value_enum, default_value_t = client::Pacing::Timer)]
+    pacing: client::Pacing,
     /// Where the result JSON goes.
     #[arg(long)]
     out: PathBuf,
@@ -537,7 +541,7 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
             64,
             rate,
             Duration::from_secs_f64(a.latency_secs),
-            client::Pacing::Timer,
+            a.pacing,
         )
         .await?;
         eprintln!(
@@ -549,7 +553,7 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
             run.p90_ms,
             run.p99_ms
         );
-        latency.push(serde_json::json!({"fraction": fraction, "saturated": now.rps, "rate": rate, "run": run}));
+        latency.push(serde_json::json!({"fraction": fraction, "saturated": now.rps, "rate": rate, "pacing": a.pacing, "run": run}));
     }
 
     eprintln!("[{}] opening {} idle connections", a.label, a.idle_conns);
