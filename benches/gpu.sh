@@ -112,15 +112,15 @@ print(":".join(sorted(dirs)))' 2>/dev/null || true)
     "${load[@]}" suite --label resnet18-128-cuda "${common[@]}" --provider cuda --provider cpu \
       --out "$kit/cuda.json" "${SUITE_ARGS[@]}"
   fi
-  if [[ $which == cuda ]]; then
-    :
-  elif ldconfig -p 2>/dev/null | grep -q 'libnvinfer\.so\.10' \
-    || python3 -c 'import tensorrt_libs' 2>/dev/null; then
-    "${load[@]}" suite --label resnet18-128-tensorrt "${common[@]}" --provider tensorrt \
-      --provider cuda --provider cpu --trt-engine-cache "$kit/trt-cache" \
-      --out "$kit/tensorrt.json" "${SUITE_ARGS[@]}"
-  else
-    echo "TensorRT: no libnvinfer.so.10 on this machine; its suite is skipped"
+  if [[ $which != cuda ]]; then
+    if ldconfig -p 2>/dev/null | grep -q 'libnvinfer\.so\.10' \
+      || python3 -c 'import tensorrt_libs' 2>/dev/null; then
+      "${load[@]}" suite --label resnet18-128-tensorrt "${common[@]}" --provider tensorrt \
+        --provider cuda --provider cpu --trt-engine-cache "$kit/trt-cache" \
+        --out "$kit/tensorrt.json" "${SUITE_ARGS[@]}"
+    else
+      echo "TensorRT: no libnvinfer.so.10 on this machine; its suite is skipped"
+    fi
   fi
   # Every suite run on this machine so far, in one table.
   local tables=()

@@ -185,24 +185,17 @@ pub struct BatchInference {
 
 impl ServerPercentiles {
     fn of(timings: &[ServerTimings]) -> Self {
-        let of = |f: fn(&ServerTimings) -> Duration| {
-            let mut v: Vec<Duration> = timings.iter().map(f).collect();
-            v.sort_unstable();
-            [0.5, 0.9, 0.99].map(|q| percentile(&v, q))
-        };
+        let of = |f: fn(&ServerTimings) -> Duration| p50_p90_p99(timings.iter().map(f).collect());
         let mut by_size: std::collections::BTreeMap<usize, Vec<Duration>> = Default::default();
         for t in timings {
             by_size.entry(t.batch_size).or_default().push(t.inference);
         }
         let inference_by_batch = by_size
             .into_iter()
-            .map(|(batch_size, mut v)| {
-                v.sort_unstable();
-                BatchInference {
-                    batch_size,
-                    share: v.len() as f64 / timings.len() as f64,
-                    inference_ms: [0.5, 0.9, 0.99].map(|q| percentile(&v, q)),
-                }
+            .map(|(batch_size, v)| BatchInference {
+                batch_size,
+                share: v.len() as f64 / timings.len() as f64,
+                inference_ms: p50_p90_p99(v),
             })
             .filter(|b| b.share >= 0.01)
             .collect();
@@ -244,6 +237,12 @@ pub fn percentile(sorted: &[Duration], q: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+/// p50, p90 and p99 of `values`, in milliseconds.
+fn p50_p90_p99(mut values: Vec<Duration>) -> [f64; 3] {
+    values.sort_unstable();
+    [0.5, 0.9, 0.99].map(|q| percentile(&values, q))
 }
 
 fn summarise(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> Run {

@@ -76,7 +76,8 @@ impl StageData {
         format!("stage {}", self.stage + 1)
     }
 
-    fn row(&self, i: usize) -> &[f32] {
+    /// Image `i`'s row.
+    pub(super) fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.channels..(i + 1) * self.channels]
     }
 

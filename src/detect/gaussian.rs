@@ -28,12 +28,11 @@ pub(super) fn class_means_and_covariance(
     classes: usize,
 ) -> (Vec<Vec<f32>>, DMatrix<f64>) {
     let d = data.channels;
-    let row = |i: usize| &data.values[i * d..(i + 1) * d];
     let mut sums = vec![vec![0.0f64; d]; classes];
     let mut counts = vec![0usize; classes];
     for &i in correct {
         counts[labels[i]] += 1;
-        for (s, &v) in sums[labels[i]].iter_mut().zip(row(i)) {
+        for (s, &v) in sums[labels[i]].iter_mut().zip(data.row(i)) {
             *s += f64::from(v);
         }
     }
@@ -45,7 +44,7 @@ pub(super) fn class_means_and_covariance(
     let mut cov = DMatrix::<f64>::zeros(d, d);
     let mut diff = vec![0.0f64; d];
     for &i in correct {
-        for ((dst, &v), m) in diff.iter_mut().zip(row(i)).zip(&means[labels[i]]) {
+        for ((dst, &v), m) in diff.iter_mut().zip(data.row(i)).zip(&means[labels[i]]) {
             *dst = f64::from(v) - m;
         }
         for a in 0..d {
