@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::episodes::{self, TailEpisodes};
+
 /// Writes all of `buf` (tokio's `try_write` under readiness: the `io-util` extension traits
 /// are not among the daemon's tokio features, and enabling them here would rebuild its
 /// dependencies for the benchmarks).
@@ -228,6 +230,9 @@ pub struct Run {
     /// the kernel, the HTTP I/O or the load generator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerPercentiles>,
+    /// Fixed-rate runs: how the slowest 1 % of answers bunch in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tail: Option<TailEpisodes>,
 }
 
 /// The `q` quantile of sorted latencies, in milliseconds.
@@ -255,6 +260,7 @@ fn summarise(mut lat: Vec<Duration>, errors: u64, elapsed: Duration) -> Run {
         p90_ms: percentile(&lat, 0.90),
         p99_ms: percentile(&lat, 0.99),
         server: None,
+        tail: None,
     }
 }
 
@@ -298,6 +304,8 @@ pub async fn closed_loop(
 /// What one scheduled request got: its status, or `None` when the connection failed (refused,
 /// reset, closed before the answer), and its latency.
 pub struct Answer {
+    /// When it was scheduled, from the run's first request.
+    pub due: Duration,
     pub status: Option<u16>,
     pub latency: Duration,
     /// [`Conn::server_timings`] of the answer.
@@ -395,6 +403,7 @@ pub async fn scheduled(
                     conn = None;
                 }
                 answers.push(Answer {
+                    due: due.duration_since(start),
                     status,
                     latency,
                     server,
@@ -411,7 +420,7 @@ pub async fn scheduled(
 }
 
 /// [`scheduled`] for the latency levels: latency of the 200s; any failed connection is an
-/// error of the measurement.
+/// error of the measurement. Also returns the answers, for a timeline.
 pub async fn open_loop(
     addr: std::net::SocketAddr,
     requests: Arc<Vec<Request>>,
@@ -419,13 +428,15 @@ pub async fn open_loop(
     rate: f64,
     secs: Duration,
     pacing: Pacing,
-) -> Result<Run> {
+) -> Result<(Run, Vec<Answer>)> {
     let answers = scheduled(addr, requests, conns, rate, secs, pacing).await?;
     let (mut lat, mut server, mut errors) = (Vec::new(), Vec::new(), 0);
-    for answer in answers {
+    let mut points = Vec::new();
+    for answer in &answers {
         match answer.status {
             Some(200) => {
                 lat.push(answer.latency);
+                points.push((answer.due, answer.latency));
                 server.extend(answer.server);
             }
             Some(_) => errors += 1,
@@ -437,7 +448,8 @@ pub async fn open_loop(
     if complete {
         run.server = Some(ServerPercentiles::of(&server));
     }
-    Ok(run)
+    run.tail = episodes::tail_episodes(&points, 0.99);
+    Ok((run, answers))
 }
 
 async fn gather(

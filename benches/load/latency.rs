@@ -2,9 +2,11 @@
 //! alternating rounds at the same fraction of each one's saturated rate, so that a
 //! latency-shaping change can be judged on this noisy machine. Each round re-measures
 //! saturation first (the host's capacity drifts) and reports p50/p90/p99, the mean batch,
-//! and the machine's steal time during the fixed-rate run, which tells a stall of the host
-//! from one of the daemon.
+//! the machine's steal time during the fixed-rate run, which tells a stall of the host from
+//! one of the daemon, and how the slowest answers bunch in time ([`crate::episodes`];
+//! `--timeline` writes every answer).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client;
+use crate::client::{self, Answer};
 use crate::daemon::{Daemon, Spec};
 use crate::{median, request_pngs};
 
@@ -48,6 +50,10 @@ pub struct LatencyArgs {
     /// Where the result JSON goes.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A CSV of every answer of every round (scheduled time, latency, csgd's timings), to see
+    /// where in time the slow ones fall.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 struct Variant {
@@ -156,6 +162,16 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
             label.clone()
         }
     };
+    let mut timeline = match &a.timeline {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            writeln!(out, "{}", TIMELINE_HEADER)?;
+            Some(out)
+        }
+        None => None,
+    };
     let mut rounds: Vec<Vec<Round>> = arms.iter().map(|_| Vec::new()).collect();
     for round in 0..a.rounds {
         let mut order: Vec<usize> = (0..arms.len()).collect();
@@ -176,7 +192,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
             let rate = now.rps * a.fraction;
             let batches_before = daemon.batch_totals()?;
             let jiffies_before = cpu_jiffies()?;
-            let run = client::open_loop(
+            let (run, answers) = client::open_loop(
                 daemon.addr,
                 Arc::clone(&detect),
                 a.open_conns,
@@ -228,6 +244,20 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                     sizes.join(", ")
                 );
             }
+            if let Some(tail) = &run.tail {
+                eprintln!(
+                    "         slowest 1 %: {} answers in {} episodes, the largest three hold {:.0} %; \
+                     the largest spans {:.1} ms from {:.0} ms",
+                    tail.tail,
+                    tail.episodes,
+                    tail.top3_share * 100.0,
+                    tail.largest_span_ms,
+                    tail.largest_at_ms
+                );
+            }
+            if let Some(out) = timeline.as_mut() {
+                write_timeline(out, &arm_label(arms[arm]), round + 1, &answers)?;
+            }
             rounds[arm].push(Round {
                 saturated: now.rps,
                 rate,
@@ -240,6 +270,9 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
     }
     for daemon in daemons {
         daemon.stop();
+    }
+    if let Some(mut out) = timeline {
+        out.flush().context("writing the timeline")?;
     }
     let summaries: Vec<Summary> = arms
         .iter()
@@ -282,3 +315,27 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Appends one CSV row per answer: `arm,round,due_ms,status,latency_ms,queue_ms,
+/// inference_ms,batch_size` (csgd's timings empty where the answer carried none).
+fn write_timeline(out: &mut impl Write, arm: &str, round: usize, answers: &[Answer]) -> Result<()> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut sorted: Vec<&Answer> = answers.iter().collect();
+    sorted.sort_by_key(|a| a.due);
+    for a in sorted {
+        let status = a.status.map_or(String::new(), |s| s.to_string());
+        let server = a.server.as_ref().map_or(String::from(",,"), |t| {
+            format!("{:.3},{:.3},{}", ms(t.queue), ms(t.inference), t.batch_size)
+        });
+        writeln!(
+            out,
+            "{arm},{round},{:.3},{status},{:.3},{server}",
+            ms(a.due),
+            ms(a.latency)
+        )?;
+    }
+    Ok(())
+}
+
+/// The header of [`write_timeline`]'s CSV.
+const TIMELINE_HEADER: &str = "arm,round,due_ms,status,latency_ms,queue_ms,inference_ms,batch_size";

@@ -9,6 +9,7 @@
 mod client;
 mod cost;
 mod daemon;
+mod episodes;
 mod forward;
 mod latency;
 mod limit;
@@ -535,7 +536,7 @@ async fn suite(a: &SuiteArgs) -> Result<serde_json::Value> {
         )
         .await?;
         let rate = now.rps * fraction;
-        let run = client::open_loop(
+        let (run, _) = client::open_loop(
             batched.addr,
             Arc::clone(&detect),
             64,
