@@ -3,7 +3,7 @@
 //!
 //! Why: the tiny model's p99 at half load moves between 1.9 and 4× p50 from one 10-second
 //! round to the next with nothing changed. The per-request timelines behind that (README,
-//! Performance) showed most of a bad round's tail inside one or two episodes of 10–50 ms, so
+//! Performance) showed much of a bad round's tail inside one or two episodes of 20–55 ms, so
 //! a round's p99 says more about whether such an episode happened than about the daemon's
 //! steady state. Each round reports that, so a reader can tell the two cases apart.
 //!
