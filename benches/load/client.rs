@@ -430,12 +430,11 @@ pub async fn open_loop(
     pacing: Pacing,
 ) -> Result<(Run, Vec<Answer>)> {
     let answers = scheduled(addr, requests, conns, rate, secs, pacing).await?;
-    let (mut lat, mut server, mut errors) = (Vec::new(), Vec::new(), 0);
-    let mut points = Vec::new();
+    // (scheduled time, latency) of each 200.
+    let (mut points, mut server, mut errors) = (Vec::new(), Vec::new(), 0);
     for answer in &answers {
         match answer.status {
             Some(200) => {
-                lat.push(answer.latency);
                 points.push((answer.due, answer.latency));
                 server.extend(answer.server);
             }
@@ -443,8 +442,8 @@ pub async fn open_loop(
             None => bail!("a connection failed during the fixed-rate run"),
         }
     }
-    let complete = server.len() == lat.len();
-    let mut run = summarise(lat, errors, secs);
+    let complete = server.len() == points.len();
+    let mut run = summarise(points.iter().map(|p| p.1).collect(), errors, secs);
     if complete {
         run.server = Some(ServerPercentiles::of(&server));
     }

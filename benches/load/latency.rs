@@ -180,6 +180,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
         }
         for arm in order {
             let (i, pacing) = arms[arm];
+            let label = arm_label(arms[arm]);
             let daemon = &daemons[i];
             let now = client::closed_loop(
                 daemon.addr,
@@ -217,7 +218,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                  in csgd p50/p99 {t50:.2}/{t99:.2}, queue {q50:.2}/{q99:.2}, inference \
                  {i50:.2}/{i99:.2}; batch {mean_batch:.1}, steal {:.1} %",
                 round + 1,
-                arm_label(arms[arm]),
+                label,
                 a.fraction * 100.0,
                 now.rps,
                 run.p50_ms,
@@ -256,7 +257,7 @@ pub async fn run(a: &LatencyArgs) -> Result<()> {
                 );
             }
             if let Some(out) = timeline.as_mut() {
-                write_timeline(out, &arm_label(arms[arm]), round + 1, &answers)?;
+                write_timeline(out, &label, round + 1, &answers)?;
             }
             rounds[arm].push(Round {
                 saturated: now.rps,
